@@ -1,0 +1,102 @@
+"""GGUF block formats, byte-identical to ggml's `ggml_quantize_chunk` and `to_float`.
+
+    quantize(x, "Q4_K", importance)  -> bytes   (rows concatenated, as ggml stores them)
+    dequantize(data, "Q4_K", shape)  -> float32 array
+
+Each format family lives in its own module and registers its codecs on import.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import floats, kquants, iquants, legacy  # noqa: F401  (registration)
+from .base import REGISTRY, Codec
+
+__all__ = ["Codec", "FORMATS", "get", "quantize", "dequantize", "quantized_size"]
+
+FORMATS: tuple[str, ...] = tuple(REGISTRY)
+
+# Rows per work item when quantizing on several threads (kernels release the GIL).
+_CHUNK_ROWS = 64
+
+
+def get(type_name: str) -> Codec:
+    """The codec for a GGUF type name such as "Q4_K" (case-insensitive)."""
+    codec = REGISTRY.get(str(type_name).upper())
+    if codec is None:
+        raise ValueError(f"unknown tensor type {type_name!r}; known types: {', '.join(FORMATS)}")
+    return codec
+
+
+def _check_matrix(x: np.ndarray, codec: Codec) -> None:
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"expected a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise ValueError(f"expected float32 weights, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D (rows, cols) array, got shape {x.shape}")
+    if x.shape[1] % codec.block_size:
+        raise ValueError(
+            f"{codec.name} needs rows whose length is a multiple of {codec.block_size}; got {x.shape[1]}"
+        )
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(f"weights contain {int(bad.sum())} NaN/Inf values (first at row {row}, column {col})")
+
+
+def _check_importance(importance: np.ndarray | None, cols: int) -> np.ndarray | None:
+    if importance is None:
+        return None
+    importance = np.asarray(importance)
+    if importance.ndim != 1 or importance.shape[0] != cols:
+        raise ValueError(f"importance must be a vector of length {cols} (one per column), got shape {importance.shape}")
+    importance = np.ascontiguousarray(importance, dtype=np.float32)
+    if not np.isfinite(importance).all() or (importance < 0).any():
+        raise ValueError("importance must be finite and non-negative")
+    return importance
+
+
+def quantize(x: np.ndarray, type_name: str, importance: np.ndarray | None = None, threads: int = 1) -> bytes:
+    """Quantize a (rows, cols) float32 matrix to the exact bytes ggml stores for it.
+
+    `importance` is the per-column importance-matrix vector (ggml's `quant_weights`).
+    """
+    codec = get(type_name)
+    _check_matrix(x, codec)
+    importance = _check_importance(importance, x.shape[1]) if codec.uses_importance else None
+    x = np.ascontiguousarray(x)
+    rows = x.shape[0]
+    if threads <= 1 or rows <= _CHUNK_ROWS:
+        return codec.quantize_rows(x, importance).tobytes()
+    out = np.empty((rows, codec.row_bytes(x.shape[1])), dtype=np.uint8)
+
+    def work(start: int) -> None:
+        out[start : start + _CHUNK_ROWS] = codec.quantize_rows(x[start : start + _CHUNK_ROWS], importance)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(0, rows, _CHUNK_ROWS)))
+    return out.tobytes()
+
+
+def quantized_size(type_name: str, shape: tuple[int, int]) -> int:
+    """Bytes that a (rows, cols) tensor takes in the given type."""
+    codec = get(type_name)
+    rows, cols = shape
+    if cols % codec.block_size:
+        raise ValueError(f"{codec.name} needs rows whose length is a multiple of {codec.block_size}; got {cols}")
+    return rows * codec.row_bytes(cols)
+
+
+def dequantize(data: bytes | np.ndarray, type_name: str, shape: tuple[int, int]) -> np.ndarray:
+    """Decode ggml bytes of a (rows, cols) tensor back to float32, exactly as ggml's `to_float`."""
+    codec = get(type_name)
+    if len(shape) != 2:
+        raise ValueError(f"expected a 2-D (rows, cols) shape, got {shape}")
+    rows, cols = (int(s) for s in shape)
+    expected = quantized_size(codec.name, (rows, cols))
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data.view(np.uint8).reshape(-1)
+    if raw.size != expected:
+        raise ValueError(f"{codec.name} data for shape {(rows, cols)} must be {expected} bytes, got {raw.size}")
+    return codec.dequantize_rows(raw.reshape(rows, codec.row_bytes(cols)))

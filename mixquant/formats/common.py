@@ -1,0 +1,100 @@
+"""Scalar primitives shared by the numba kernels, each matching ggml's C exactly.
+
+ggml-quants.c is compiled for baseline x86-64 (no FMA, no fast-math), so every float operation
+is a plain IEEE float32 operation in source order; the kernels keep that order and stay in
+float32 (constants are `np.float32`, never Python floats, which would promote to float64).
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+F32 = np.float32
+
+
+@intrinsic
+def f32_to_bits(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def bits_to_f32(typingctx, x):
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if x.bitwidth > 32:  # numba widens uint32 arithmetic; the low 32 bits are the pattern
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def fp32_to_fp16(f):
+    """IEEE round-to-nearest-even float32 -> float16 bits (ggml_compute_fp32_to_fp16)."""
+    base = (abs(f) * F32(5.192296858534828e33)) * F32(7.703719777548943e-34)  # 2**112, 2**-110
+    w = f32_to_bits(f)
+    shl1_w = (w + w) & np.uint32(0xFFFFFFFF)
+    sign = w & np.uint32(0x80000000)
+    bias = shl1_w & np.uint32(0xFF000000)
+    if bias < np.uint32(0x71000000):
+        bias = np.uint32(0x71000000)
+    base = bits_to_f32(np.uint32((bias >> np.uint32(1)) + np.uint32(0x07800000))) + base
+    bits = f32_to_bits(base)
+    exp_bits = (bits >> np.uint32(13)) & np.uint32(0x00007C00)
+    mantissa_bits = bits & np.uint32(0x00000FFF)
+    nonsign = exp_bits + mantissa_bits
+    if shl1_w > np.uint32(0xFF000000):
+        nonsign = np.uint32(0x7E00)
+    return np.uint16((sign >> np.uint32(16)) | nonsign)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def fp16_to_fp32(h):
+    """float16 bits -> float32 (exact), as ggml_compute_fp16_to_fp32."""
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    exp = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mant = h & np.uint32(0x3FF)
+    if exp == 0x1F:
+        return bits_to_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
+    if exp == 0:
+        # subnormal: mant * 2**-24, exact in float32
+        v = F32(mant) * F32(5.960464477539063e-08)
+        return -v if sign else v
+    return bits_to_f32(sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def round_fp16(f):
+    """The float32 value that storing `f` as fp16 and reading it back yields."""
+    return fp16_to_fp32(fp32_to_fp16(f))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def nearest_int(f):
+    """ggml's nearest_int: round half to even (valid for |f| <= 2**22, as ggml asserts)."""
+    return np.int32(np.rint(f))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def put_fp16(out, offset, f):
+    """Store `f` as little-endian fp16 at out[offset:offset+2]; returns the rounded value."""
+    h = fp32_to_fp16(f)
+    out[offset] = np.uint8(h & np.uint16(0xFF))
+    out[offset + 1] = np.uint8(h >> np.uint16(8))
+    return fp16_to_fp32(h)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def get_fp16(data, offset):
+    return fp16_to_fp32(np.uint16(data[offset]) | (np.uint16(data[offset + 1]) << np.uint16(8)))
