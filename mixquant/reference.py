@@ -113,6 +113,8 @@ class Ggml:
         return out.tobytes()
 
     def dequantize(self, data: bytes, type_name: str, shape: tuple[int, int]) -> np.ndarray:
+        if type_name == "F32":  # ggml has no to_float for F32: its storage is the value
+            return np.frombuffer(data, dtype=np.float32).reshape(shape).copy()
         raw = np.frombuffer(data, dtype=np.uint8).copy()
         out = np.empty(shape, dtype=np.float32)
         self.lib.ggml_get_type_traits(self._type(type_name)).contents.to_float(raw.ctypes.data, out.ctypes.data, out.size)
