@@ -60,18 +60,19 @@ def fp32_to_fp16(f):
 
 @njit(cache=True, nogil=True, inline="always")
 def fp16_to_fp32(h):
-    """float16 bits -> float32 (exact), as ggml_compute_fp16_to_fp32."""
-    h = np.uint32(h)
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    exp = (h >> np.uint32(10)) & np.uint32(0x1F)
-    mant = h & np.uint32(0x3FF)
-    if exp == 0x1F:
-        return bits_to_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
-    if exp == 0:
-        # subnormal: mant * 2**-24, exact in float32
-        v = F32(mant) * F32(5.960464477539063e-08)
-        return -v if sign else v
-    return bits_to_f32(sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13)))
+    """float16 bits -> float32, operation for operation as ggml_compute_fp16_to_fp32.
+
+    Exact for every finite and infinite half; a signaling-NaN half comes out quiet, as in C
+    (the multiply by 2**-112 sets the quiet bit), which a plain bit-shuffling decoder would not do.
+    """
+    w = np.uint32(h) << np.uint32(16)
+    sign = w & np.uint32(0x80000000)
+    two_w = (w + w) & np.uint32(0xFFFFFFFF)
+    normalized = bits_to_f32(np.uint32((two_w >> np.uint32(4)) + np.uint32(0xE0 << 23))) * F32(2.0**-112)
+    denormalized = bits_to_f32(np.uint32((two_w >> np.uint32(17)) | np.uint32(126 << 23))) - F32(0.5)
+    if two_w < np.uint32(1 << 27):
+        return bits_to_f32(np.uint32(sign | f32_to_bits(denormalized)))
+    return bits_to_f32(np.uint32(sign | f32_to_bits(normalized)))
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -15,27 +15,9 @@ import numpy as np
 from numba import njit
 
 from .base import Codec, register
-from .common import bits_to_f32, f32_to_bits, fp32_to_fp16
+from .common import bits_to_f32, f32_to_bits, fp16_to_fp32, fp32_to_fp16
 
 F32 = np.float32
-_EXP_SCALE = np.float32(2.0**-112)  # 0x1.0p-112f
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def ggml_fp16_to_fp32(h):
-    """ggml_compute_fp16_to_fp32, operation for operation (including NaN quieting)."""
-    w = np.uint32(h) << np.uint32(16)
-    sign = w & np.uint32(0x80000000)
-    two_w = (w + w) & np.uint32(0xFFFFFFFF)
-    exp_offset = np.uint32(0xE0 << 23)
-    normalized_value = bits_to_f32(np.uint32((two_w >> np.uint32(4)) + exp_offset)) * _EXP_SCALE
-    magic_mask = np.uint32(126 << 23)
-    denormalized_value = bits_to_f32(np.uint32((two_w >> np.uint32(17)) | magic_mask)) - F32(0.5)
-    if two_w < np.uint32(1 << 27):
-        result = sign | f32_to_bits(denormalized_value)
-    else:
-        result = sign | f32_to_bits(normalized_value)
-    return bits_to_f32(np.uint32(result))
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
@@ -60,7 +42,7 @@ def _f16_to_f32_rows(h, out):
     rows, cols = h.shape
     for r in range(rows):
         for c in range(cols):
-            out[r, c] = ggml_fp16_to_fp32(h[r, c])
+            out[r, c] = fp16_to_fp32(h[r, c])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
