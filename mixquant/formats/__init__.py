@@ -7,10 +7,30 @@ Each format family lives in its own module and registers its codecs on import.
 """
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
-from . import floats, kquants, iquants, legacy  # noqa: F401  (registration)
+
+def _drop_stale_kernel_cache() -> None:
+    """numba's on-disk cache only tracks the file of the cached function itself, not the helpers
+    it inlines from common.py/search.py: drop every cached kernel when any codec source changed."""
+    here = Path(__file__).parent
+    stamp = here / "__pycache__" / "kernels.stamp"
+    current = str(max(p.stat().st_mtime_ns for p in here.glob("*.py")))
+    try:
+        if stamp.exists() and stamp.read_text() == current:
+            return
+        for cached in stamp.parent.glob("*.nb[ic]"):
+            cached.unlink(missing_ok=True)
+        stamp.write_text(current)
+    except OSError:  # no cache folder yet, or read-only install: numba copes on its own
+        pass
+
+
+_drop_stale_kernel_cache()
+
+from . import floats, iquants, kquants, legacy  # noqa: E402, F401  (registration)
 from .base import REGISTRY, Codec
 
 __all__ = ["Codec", "FORMATS", "get", "quantize", "dequantize", "quantized_size"]

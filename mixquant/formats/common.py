@@ -81,10 +81,15 @@ def round_fp16(f):
     return fp16_to_fp32(fp32_to_fp16(f))
 
 
-@njit(cache=True, nogil=True, inline="always")
-def nearest_int(f):
-    """ggml's nearest_int: round half to even (valid for |f| <= 2**22, as ggml asserts)."""
-    return np.int32(np.rint(f))
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def nearest_int(fval):
+    """ggml's nearest_int: `fval + 12582912.f`, then the low 23 mantissa bits minus 2**22.
+
+    `fval` must be float32. Round-half-to-even for |fval| <= 4194303; beyond that (ggml's assert
+    is compiled out) it returns the same wrapped value the C does, including for inf.
+    """
+    val = fval + F32(12582912.0)
+    return np.int64(f32_to_bits(val) & np.uint32(0x007FFFFF)) - 0x00400000
 
 
 @njit(cache=True, nogil=True, inline="always")

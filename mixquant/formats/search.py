@@ -17,14 +17,14 @@ Conventions (shared by every format module):
   None; numba compiles a separate specialization and prunes the `is None` branches.
 * C `float` parameters (rmin, rdelta) are converted to float32 on entry, so Python floats are fine.
 * Every float operation is float32 in C source order (ggml-quants.c is built without FMA or
-  fast-math); `nearest_int` here is ggml's own magic-number rounding (`c_nearest_int`), which equals
+  fast-math); `nearest_int` here is ggml's own magic-number rounding (`nearest_int`), which equals
   round-half-to-even for |x| <= 2**22 and reproduces ggml's (assert-free, -DNDEBUG) result beyond.
 """
 
 import numpy as np
 from numba import njit
 
-from .common import f32_to_bits
+from .common import nearest_int
 
 F32 = np.float32
 
@@ -32,24 +32,12 @@ GROUP_MAX_EPS = F32(1e-15)
 
 __all__ = [
     "GROUP_MAX_EPS",
-    "c_nearest_int",
     "make_qx_quants",
     "make_q3_quants",
     "make_qkx2_quants",
     "make_qkx3_quants",
     "make_qp_quants",
 ]
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def c_nearest_int(fval):
-    """ggml's nearest_int: `fval + 12582912.f`, then the low 23 mantissa bits minus 2**22.
-
-    `fval` must be float32. Round-half-to-even for |fval| <= 4194303; beyond that (ggml's assert
-    is compiled out) it returns the same wrapped value the C does, including for inf.
-    """
-    val = fval + F32(12582912.0)
-    return np.int64(f32_to_bits(val) & np.uint32(0x007FFFFF)) - 0x00400000
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
@@ -83,7 +71,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
     iscale = F32(-nmax) / mx
     if rmse_type == 0:
         for i in range(n):
-            l = c_nearest_int(iscale * x[i])
+            l = nearest_int(iscale * x[i])
             L[i] = nmax + max(-nmax, min(nmax - 1, l))
         return F32(1.0) / iscale
     return_early = False
@@ -93,7 +81,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
     sumlx = F32(0.0)
     suml2 = F32(0.0)
     for i in range(n):
-        l = c_nearest_int(iscale * x[i])
+        l = nearest_int(iscale * x[i])
         l = max(-nmax, min(nmax - 1, l))
         L[i] = l + nmax
         w = _qx_weight(qw, i, x[i], rmse_type)
@@ -111,7 +99,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
         sumlx = F32(0.0)
         suml2 = F32(0.0)
         for i in range(n):
-            l = c_nearest_int(iscale * x[i])
+            l = nearest_int(iscale * x[i])
             l = max(-nmax, min(nmax - 1, l))
             w = _qx_weight(qw, i, x[i], rmse_type)
             fl = F32(l)
@@ -119,7 +107,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
             suml2 += w * fl * fl
         if suml2 > F32(0.0) and sumlx * sumlx > best * suml2:
             for i in range(n):
-                l = c_nearest_int(iscale * x[i])
+                l = nearest_int(iscale * x[i])
                 L[i] = nmax + max(-nmax, min(nmax - 1, l))
             scale = sumlx / suml2
             best = scale * sumlx
@@ -145,7 +133,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
         sumlx = F32(0.0)
         suml2 = F32(0.0)
         for i in range(n):
-            l = c_nearest_int(iscale * x[i])
+            l = nearest_int(iscale * x[i])
             l = max(-nmax, min(nmax - 1, l))
             L[i] = l
             w = x[i] * x[i]
@@ -160,7 +148,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
                 slx = sumlx - w * x[i] * Li
                 if slx > F32(0.0):
                     sl2 = suml2 - w * Li * Li
-                    new_l = c_nearest_int(x[i] * sl2 / slx)
+                    new_l = nearest_int(x[i] * sl2 / slx)
                     new_l = max(-nmax, min(nmax - 1, new_l))
                     if new_l != L[i]:
                         fnl = F32(new_l)
@@ -177,7 +165,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
             L[i] += nmax
         return sumlx / suml2 if suml2 > F32(0.0) else F32(0.0)
     for i in range(n):
-        l = c_nearest_int(iscale * x[i])
+        l = nearest_int(iscale * x[i])
         l = max(-nmax, min(nmax - 1, l))
         L[i] = l + nmax
     return F32(1.0) / iscale
@@ -213,7 +201,7 @@ def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
     scale = F32(1.0) / iscale
     best_error = F32(0.0)
     for i in range(n):
-        l = c_nearest_int(iscale * (x[i] - mn))
+        l = nearest_int(iscale * (x[i] - mn))
         L[i] = max(0, min(nmax, l))
         diff = scale * F32(L[i]) + mn - x[i]
         diff = abs(diff) if use_mad else diff * diff
@@ -227,7 +215,7 @@ def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
         sum_l2 = F32(0.0)
         sum_xl = F32(0.0)
         for i in range(n):
-            l = c_nearest_int(iscale * (x[i] - mn))
+            l = nearest_int(iscale * (x[i] - mn))
             l = max(0, min(nmax, l))
             Laux[i] = l
             w = weights[i]
@@ -295,7 +283,7 @@ def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
     scale = F32(1.0) / iscale
     best_mad = F32(0.0)
     for i in range(n):
-        l = c_nearest_int(iscale * (x[i] - mn))
+        l = nearest_int(iscale * (x[i] - mn))
         L[i] = max(0, min(nmax, l))
         diff = scale * F32(L[i]) + mn - x[i]
         diff = abs(diff) if use_mad else diff * diff
@@ -309,7 +297,7 @@ def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
         sum_l2 = F32(0.0)
         sum_xl = F32(0.0)
         for i in range(n):
-            l = c_nearest_int(iscale * (x[i] - mn))
+            l = nearest_int(iscale * (x[i] - mn))
             l = max(0, min(nmax, l))
             Laux[i] = l
             w = _qkx3_weight(weights, i, x[i])
@@ -355,7 +343,7 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
         return F32(0.0)
     iscale = F32(nmax) / mx
     for i in range(n):
-        L[i] = c_nearest_int(iscale * x[i]) & 0xFF
+        L[i] = nearest_int(iscale * x[i]) & 0xFF
     scale = F32(1.0) / iscale
     best_mse = F32(0.0)
     for i in range(n):
@@ -369,7 +357,7 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
         scale_is = F32(1.0) / iscale_is
         mse = F32(0.0)
         for i in range(n):
-            l = c_nearest_int(iscale_is * x[i])
+            l = nearest_int(iscale_is * x[i])
             l = min(nmax, l)
             diff = x[i] - scale_is * F32(l)
             w = quant_weights[i]
@@ -380,7 +368,7 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
     sumlx = F32(0.0)
     suml2 = F32(0.0)
     for i in range(n):
-        l = c_nearest_int(iscale * x[i])
+        l = nearest_int(iscale * x[i])
         l = min(nmax, l)
         L[i] = l & 0xFF
         w = quant_weights[i]
@@ -395,7 +383,7 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
             slx = sumlx - w * x[i] * Li
             sl2 = suml2 - w * Li * Li
             if slx > F32(0.0) and sl2 > F32(0.0):
-                new_l = c_nearest_int(x[i] * sl2 / slx)
+                new_l = nearest_int(x[i] * sl2 / slx)
                 new_l = min(nmax, new_l)
                 if new_l != L[i]:
                     fnl = F32(new_l)
