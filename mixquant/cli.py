@@ -1,0 +1,169 @@
+"""The `mixquant` command line: one subcommand per pipeline stage."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import MixquantError
+
+
+def _cmd_fixture(args: argparse.Namespace) -> int:
+    from .testdata import build_test_model, build_test_text
+
+    model = build_test_model(force=args.force)
+    calib, evaluation = build_test_text(force=args.force)
+    print(f"test model:       {model}")
+    print(f"calibration text: {calib}")
+    print(f"evaluation text:  {evaluation}")
+    return 0
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    """Quantize real tensors to each format; print bits per weight, error and speed."""
+    from safetensors import safe_open
+
+    from . import formats
+    from .testdata import build_test_model
+
+    folder = Path(args.model) if args.model else build_test_model()
+    names = args.types.split(",") if args.types else list(formats.FORMATS)
+    codecs = [formats.get(name) for name in names]
+    with safe_open(folder / "model.safetensors", "np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if f.get_slice(k).get_shape()[0] > 1
+                   and len(f.get_slice(k).get_shape()) == 2 and ".layers.1." in k}
+    print(f"{'type':8} {'bits/w':>7} {'tensors':>8} {'rel. RMS error':>15} {'MB/s':>8}")
+    for codec in codecs:
+        usable = {k: w for k, w in tensors.items() if w.shape[1] % codec.block_size == 0}
+        if not usable:
+            print(f"{codec.name:8} {codec.bits_per_weight:7.3f} {0:8d}  (no tensor of this model fits its block size)")
+            continue
+        err = ref = 0.0
+        seconds = 0.0
+        for w in usable.values():
+            start = time.perf_counter()
+            data = formats.quantize(w, codec.name, threads=args.threads)
+            seconds += time.perf_counter() - start
+            back = formats.dequantize(data, codec.name, w.shape)
+            err += float(np.sum((back - w).astype(np.float64) ** 2))
+            ref += float(np.sum(w.astype(np.float64) ** 2))
+        mbytes = sum(w.nbytes for w in usable.values()) / 1e6
+        print(f"{codec.name:8} {codec.bits_per_weight:7.3f} {len(usable):8d} {np.sqrt(err / ref):15.4%} {mbytes / seconds:8.1f}")
+    return 0
+
+
+def _eval_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", required=True, help="evaluation text file (as llama-perplexity -f)")
+    p.add_argument("--ctx", type=int, default=512, help="context size (llama-perplexity -c; default 512)")
+    p.add_argument("--chunks", type=int, default=20,
+                   help="windows to evaluate (llama-perplexity --chunks; default 20, -1: all)")
+    p.add_argument("--imatrix", help="importance matrix (.gguf or .dat) used when quantizing plans")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _read_imatrix_arg(path: str | None):
+    if not path:
+        return None
+    from .calibrate import read_imatrix
+
+    return read_imatrix(path)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """PPL, KLD and top-1 of one GGUF file or plan against the float32 model."""
+    import json
+
+    from .evaluate import Evaluator, format_table
+
+    if args.gguf and args.imatrix:
+        raise MixquantError("--imatrix applies to --plan only (a GGUF file is already quantized)")
+    imatrix = _read_imatrix_arg(args.imatrix)
+    with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
+                   progress=sys.stderr.isatty()) as ev:
+        if args.gguf:
+            result = ev.evaluate_gguf(args.gguf)
+        else:
+            result = ev.evaluate_plan(args.plan, imatrix=imatrix)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(format_table([result]))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """Several GGUF files and/or presets against the same float32 reference: a table and a plot."""
+    import json
+
+    from .evaluate import Evaluator, check_items, format_table, plot_results
+
+    imatrix = _read_imatrix_arg(args.imatrix)
+    if args.plot and not Path(args.plot).expanduser().parent.is_dir():
+        raise MixquantError(f"{Path(args.plot).expanduser().parent}: output folder does not exist")
+    with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
+                   progress=sys.stderr.isatty()) as ev:
+        check_items(args.items, ev.source.model, imatrix)
+        results = []
+        for item in args.items:
+            results.append(ev.evaluate_item(item, imatrix=imatrix))
+            if not args.json:
+                print(f"done: {results[-1].label}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1))
+    else:
+        print(format_table(results))
+    if args.plot:
+        print(f"plot: {plot_results(results, args.plot)}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixquant", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mixquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fixture", help="build the bundled test model and text into the cache")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=_cmd_fixture)
+
+    p = sub.add_parser("formats", help="quantize real tensors to each format: error and speed")
+    p.add_argument("--model", help="Hugging Face folder (default: the bundled test model)")
+    p.add_argument("--types", help="comma-separated types (default: all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_formats)
+
+    p = sub.add_parser("eval", help="perplexity, KL divergence and top-1 of a GGUF file or plan vs float32")
+    p.add_argument("src", help="the model's Hugging Face folder (the float32 reference)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--gguf", help="a GGUF file of this model (written by mixquant or llama.cpp)")
+    what.add_argument("--plan", help="a llama-quantize preset (Q4_K_M, ...) or a single type, quantized in memory")
+    _eval_common(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="evaluate several GGUF files / presets: table and KLD-vs-size plot")
+    p.add_argument("src", help="the model's Hugging Face folder (the float32 reference)")
+    p.add_argument("items", nargs="+", metavar="ITEM", help="a GGUF file path or a preset/type name")
+    _eval_common(p)
+    p.add_argument("--plot", help="write a PNG of mean KLD against bits per weight here")
+    p.set_defaults(func=_cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (MixquantError, ValueError, FileNotFoundError) as exc:
+        print(f"mixquant: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mixquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
