@@ -56,7 +56,7 @@ def main() -> None:
             ours = best_seconds(lambda: [formats.quantize(t, name, w) for t, w in zip(usable, weights)], args.repeat)
             theirs = best_seconds(lambda: [reference.quantize(t, name, w) for t, w in zip(usable, weights)], args.repeat)
             gguf_py = ""
-            if not with_imatrix:
+            if not with_imatrix and name != "F32":  # gguf-py's F32 'quantizer' is the identity
                 try:
                     secs = best_seconds(lambda: [gguf.quants.quantize(t, codec.ggml_type) for t in usable], 1)
                     gguf_py = f"{megabytes / secs:13.1f} {secs / ours:9.1f}x"

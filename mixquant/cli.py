@@ -110,8 +110,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         results = []
         for item in args.items:
             results.append(ev.evaluate_item(item, imatrix=imatrix))
-            if not args.json:
-                print(f"done: {results[-1].label}", file=sys.stderr)
+            r = results[-1]
+            print(f"{r.label}: PPL {r.ppl:.4f}, mean KLD {r.kld_mean:.6f} ({r.seconds:.0f} s)", file=sys.stderr)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
     else:
