@@ -55,6 +55,30 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    """llama-quantize's interface: SRC OUT.gguf TYPE, per-tensor plan from the preset and overrides."""
+    from .export import write_gguf
+    from .plan import preset_plan
+    from .source import open_source
+
+    imatrix = _read_imatrix_arg(args.imatrix)
+    with open_source(args.src, allow_requantize=args.allow_requantize) as source:
+        plan = preset_plan(source.model, args.type, pure=args.pure, output_type=args.output_tensor_type,
+                           token_embedding_type=args.token_embedding_type, tensor_types=args.tensor_type,
+                           has_imatrix=imatrix is not None, leave_output=args.leave_output_tensor)
+        if plan.requires_imatrix and imatrix is None:
+            print(f"warning: {len(plan.requires_imatrix)} tensors get types that are poor without an "
+                  "importance matrix (--imatrix)", file=sys.stderr)
+        if args.dry_run:
+            print(plan.table())
+            return 0
+        importance = None if imatrix is None else imatrix.as_dict()
+        result = write_gguf(source, plan, args.out, importance=importance, threads=args.threads,
+                            progress=sys.stderr.isatty(), file_type=args.type)
+    print(result)
+    return 0
+
+
 def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="evaluation text file (as llama-perplexity -f)")
     p.add_argument("--ctx", type=int, default=512, help="context size (llama-perplexity -c; default 512)")
@@ -135,6 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--types", help="comma-separated types (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_formats)
+
+    p = sub.add_parser("quantize", help="quantize a model to GGUF (llama-quantize compatible)")
+    p.add_argument("src", help="Hugging Face folder or GGUF file")
+    p.add_argument("out", help="output .gguf (written to a temporary name, renamed when complete)")
+    p.add_argument("type", help="preset (Q4_K_M, Q5_K_S, ...) or a single type (Q8_0, ...)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
+    p.add_argument("--imatrix", help="importance matrix (llama-imatrix .gguf or legacy .dat)")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
+                   help="override the type of tensors whose name matches PATTERN (repeatable; first match wins)")
+    p.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight")
+    p.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
+    p.add_argument("--leave-output-tensor", action="store_true", help="leave output.weight unquantized")
+    p.add_argument("--pure", action="store_true", help="one type for every quantizable tensor, no mixing")
+    p.add_argument("--allow-requantize", action="store_true", help="accept an already-quantized GGUF source")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence and top-1 of a GGUF file or plan vs float32")
     p.add_argument("src", help="the model's Hugging Face folder (the float32 reference)")
