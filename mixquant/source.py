@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import struct
 import warnings
 from dataclasses import dataclass
@@ -176,6 +177,13 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.n
     return np.ascontiguousarray(
         w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
+
+
+def _release(mapped: np.memmap, start: int, nbytes: int) -> None:
+    """Drop a tensor's pages from this process once it is copied out: mapped file pages count in
+    RSS until unmapped, so without this the whole model would end up resident."""
+    begin = start - start % mmap.PAGESIZE
+    mapped._mmap.madvise(mmap.MADV_DONTNEED, begin, min(start + nbytes, len(mapped._mmap)) - begin)
 
 
 def _check_finite(x: np.ndarray, name: str, where: Path) -> None:
@@ -547,9 +555,9 @@ class HFSource(Source):
         if mm is None:
             mm = self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
         raw = mm[entry.start : entry.start + entry.nbytes].view(_FLOAT_SAFETENSORS[entry.dtype]).reshape(entry.shape)
-        if entry.dtype == "BF16":
-            return bf16_to_f32(raw)
-        return np.array(raw, dtype=np.float32, order="C")  # copies out of the map
+        x = bf16_to_f32(raw) if entry.dtype == "BF16" else np.array(raw, dtype=np.float32, order="C")
+        _release(mm, entry.start, entry.nbytes)
+        return x
 
     def _rope_freqs(self) -> np.ndarray | None:
         """llama3 rope scaling: the rope_freqs.weight tensor LlamaModel.generate_extra_tensors adds."""
@@ -792,6 +800,19 @@ def _tensor_order(name: str) -> tuple:
 _PLAIN_FLOATS = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
 
+class _GGUFReader(gguf.GGUFReader):
+    """gguf's reader, slicing a plain ndarray view of its map: numpy's memmap subclass makes each
+    of the ~250k small slices a tokenizer's metadata needs slow (seconds per file otherwise)."""
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        dtype = np.dtype(dtype)
+        arr = plain[offset : offset + dtype.itemsize * int(count)].view(dtype)
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+
 class GGUFSource(Source):
     """A GGUF file: float tensors read directly, quantized ones dequantized (only if allowed)."""
 
@@ -800,7 +821,7 @@ class GGUFSource(Source):
     def __init__(self, path: Path, allow_requantize: bool = False):
         self.path = path
         try:
-            reader = gguf.GGUFReader(path, "r")
+            reader = _GGUFReader(path, "r")
         except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, IndexError, struct.error...
             raise MixquantError(f"{path}: not a valid GGUF file or truncated: {exc}") from None
         self._reader = reader
@@ -872,6 +893,7 @@ class GGUFSource(Source):
             except ValueError as exc:
                 raise MixquantError(f"{self.path}: cannot dequantize tensor {name} ({t.tensor_type.name}): {exc}") from None
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(shape)
+        _release(self._reader.data, int(t.data_offset), int(t.n_bytes))
         _check_finite(x, name, self.path)
         return x
 
