@@ -57,7 +57,7 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     """llama-quantize's interface: SRC OUT.gguf TYPE, per-tensor plan from the preset and overrides."""
-    from .export import write_gguf
+    from .export import gguf_file_size, write_gguf
     from .plan import preset_plan
     from .source import open_source
 
@@ -70,7 +70,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             print(f"warning: {len(plan.requires_imatrix)} tensors get types that are poor without an "
                   "importance matrix (--imatrix)", file=sys.stderr)
         if args.dry_run:
+            size = gguf_file_size(source, plan, file_type=args.type)
             print(plan.table())
+            print(f"output file: {size:,} bytes ({size / 2**20:.2f} MiB), {plan.bits_per_weight:.3f} bits per weight "
+                  "(dry run: nothing written)")
             return 0
         importance = None if imatrix is None else imatrix.as_dict()
         result = write_gguf(source, plan, args.out, importance=importance, threads=args.threads,

@@ -28,7 +28,7 @@ from . import formats
 from .errors import MixquantError
 from .source import Source
 
-__all__ = ["ExportResult", "write_gguf", "file_type_for"]
+__all__ = ["ExportResult", "write_gguf", "gguf_file_size", "file_type_for"]
 
 
 @dataclass
@@ -143,6 +143,63 @@ def _check_plan(source: Source, plan: Any, importance: dict[str, np.ndarray] | N
     return out
 
 
+def _resolve_file_type(plan: Any, file_type: int | str | None, types: dict[str, str],
+                       shapes: dict[str, tuple[int, ...]]) -> int:
+    if file_type is None:
+        file_type = getattr(plan, "file_type", None)
+    if file_type is None or isinstance(file_type, str):
+        preset = file_type if isinstance(file_type, str) else getattr(plan, "preset", None)
+        file_type = file_type_for(types, shapes, preset)
+    return int(file_type)
+
+
+def _write_header(path: Path, source: Source, tensors: list[tuple[str, tuple[int, ...], str]], file_type: int,
+                  name: str | None, alignment: int | None, extra_metadata: dict[str, Any] | None) -> gguf.GGUFWriter:
+    """Open a GGUFWriter on `path` and write everything before the tensor data."""
+    metadata = source.metadata
+    extra = {k: _gguf_value(k, v) for k, v in (extra_metadata or {}).items()}
+    writer = gguf.GGUFWriter(path, source.model.arch)
+    if alignment is not None and alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
+        writer.add_custom_alignment(alignment)
+    # convert_hf_to_gguf.py's order: general.*, hyperparameters, file type, tokenizer
+    items = list(metadata.items())
+    split = next((i for i, (k, _) in enumerate(items) if k.startswith("tokenizer.")), len(items))
+    if name:
+        writer.add_name(name)
+    for key, val in items[:split]:
+        if key == gguf.Keys.General.NAME and name:
+            continue
+        writer.add_key_value(key, val.value, val.type, val.sub_type)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, val in [*items[split:], *extra.items()]:
+        writer.add_key_value(key, val.value, val.type, val.sub_type)
+    for tname, shape, type_name in tensors:
+        nbytes = formats.quantized_size(type_name, (math.prod(shape[:-1]), shape[-1]))
+        writer.add_tensor_info(tname, shape, np.dtype(np.float32), nbytes, raw_dtype=formats.get(type_name).ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    return writer
+
+
+def gguf_file_size(source: Source, plan: Any, *, file_type: int | str | None = None, name: str | None = None,
+                   alignment: int | None = None, extra_metadata: dict[str, Any] | None = None) -> int:
+    """The exact size of the file `write_gguf` would write for this plan, without quantizing anything
+    (the header is written to a scratch file in the system's temporary folder to measure it)."""
+    tensors = _check_plan(source, plan, None)
+    types = {n: t for n, _, t in tensors}
+    file_type = _resolve_file_type(plan, file_type, types, {n: s for n, s, _ in tensors})
+    align = alignment or gguf.GGUF_DEFAULT_ALIGNMENT
+    with tempfile.TemporaryDirectory() as scratch:
+        writer = _write_header(Path(scratch) / "header.gguf", source, tensors, file_type, name, alignment, extra_metadata)
+        writer.close()
+        size = (Path(scratch) / "header.gguf").stat().st_size
+    for tname, shape, type_name in tensors:
+        size += -size % align + formats.quantized_size(type_name, (math.prod(shape[:-1]), shape[-1]))
+    return size
+
+
 def write_gguf(
     source: Source,
     plan: Any,
@@ -181,17 +238,8 @@ def write_gguf(
     tensors = _check_plan(source, plan, importance)
     shapes = {n: s for n, s, _ in tensors}
     types = {n: t for n, _, t in tensors}
-    if file_type is None:
-        file_type = getattr(plan, "file_type", None)
-    if file_type is None or isinstance(file_type, str):
-        preset = file_type if isinstance(file_type, str) else getattr(plan, "preset", None)
-        file_type = file_type_for(types, shapes, preset)
-    file_type = int(file_type)
-
-    metadata = source.metadata  # may read the tokenizer: do it before creating any file
-    arch = source.model.arch
-
-    extra = {k: _gguf_value(k, v) for k, v in (extra_metadata or {}).items()}
+    file_type = _resolve_file_type(plan, file_type, types, shapes)
+    _ = source.metadata  # reads the tokenizer: a bad one fails before any file is created
 
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
@@ -203,35 +251,7 @@ def write_gguf(
     bar = None
     tensor_bytes = 0
     try:
-        writer = gguf.GGUFWriter(tmp, arch)
-        if alignment is not None and alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
-            writer.add_custom_alignment(alignment)
-        # convert_hf_to_gguf.py's order: general.*, hyperparameters, file type, tokenizer
-        items = list(metadata.items())
-        split = next((i for i, (k, _) in enumerate(items) if k.startswith("tokenizer.")), len(items))
-        if name:
-            writer.add_name(name)
-        for key, val in items[:split]:
-            if key == gguf.Keys.General.NAME and name:
-                continue
-            writer.add_key_value(key, val.value, val.type, val.sub_type)
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, val in items[split:]:
-            writer.add_key_value(key, val.value, val.type, val.sub_type)
-        for key, val in extra.items():
-            writer.add_key_value(key, val.value, val.type, val.sub_type)
-
-        for tname, shape, tname_type in tensors:
-            codec = formats.get(tname_type)
-            rows, cols = math.prod(shape[:-1]), shape[-1]
-            nbytes = formats.quantized_size(codec.name, (rows, cols))
-            writer.add_tensor_info(tname, shape, np.dtype(np.float32), nbytes, raw_dtype=codec.ggml_type)
-
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-
+        writer = _write_header(tmp, source, tensors, file_type, name, alignment, extra_metadata)
         bar = tqdm(tensors, desc=f"writing {out.name}", unit="tensor", disable=not progress, leave=False)
         for tname, shape, tname_type in bar:
             bar.set_postfix_str(f"{tname} -> {tname_type}", refresh=False)
