@@ -82,6 +82,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_imatrix(args: argparse.Namespace) -> int:
+    """llama-imatrix's job: mean squared input activation per column of every linear layer."""
+    from .calibrate import compute_imatrix, write_imatrix
+    from .source import open_source
+    from .text import read_text
+
+    with open_source(args.src) as source:
+        if source.hf_folder is None:
+            raise MixquantError(f"{args.src}: imatrix needs a Hugging Face folder (it runs the model in PyTorch)")
+        folder = source.hf_folder
+    text = Path(args.text)
+    if not text.is_file():
+        raise MixquantError(f"{text}: no such text file")
+    imatrix = compute_imatrix(folder, read_text(text), ctx=args.ctx, chunks=args.chunks,
+                              progress=sys.stderr.isatty(), dataset=str(text), process_output=args.process_output)
+    path = write_imatrix(imatrix, args.output)
+    print(f"{path}: {len(imatrix.names)} tensors, {imatrix.chunks} chunks of {args.ctx} tokens")
+    return 0
+
+
 def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="evaluation text file (as llama-perplexity -f)")
     p.add_argument("--ctx", type=int, default=512, help="context size (llama-perplexity -c; default 512)")
@@ -178,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pure", action="store_true", help="one type for every quantizable tensor, no mixing")
     p.add_argument("--allow-requantize", action="store_true", help="accept an already-quantized GGUF source")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("imatrix", help="compute an importance matrix on calibration text (llama-imatrix compatible)")
+    p.add_argument("src", help="the model's Hugging Face folder")
+    p.add_argument("--text", required=True, help="calibration text file (as llama-imatrix -f)")
+    p.add_argument("-o", "--output", default="imatrix.gguf", help="output: .gguf (default) or legacy .dat")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (llama-imatrix -c; default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="chunks to process (default: all)")
+    p.add_argument("--process-output", action="store_true", help="also collect output.weight (if not tied)")
+    p.set_defaults(func=_cmd_imatrix)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence and top-1 of a GGUF file or plan vs float32")
     p.add_argument("src", help="the model's Hugging Face folder (the float32 reference)")
