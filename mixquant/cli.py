@@ -23,34 +23,32 @@ def _cmd_fixture(args: argparse.Namespace) -> int:
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
-    """Quantize real tensors to each format; print bits per weight, error and speed."""
-    from safetensors import safe_open
-
+    """Quantize one block's real tensors to each format; print bits per weight, error and speed."""
     from . import formats
+    from .source import open_source
     from .testdata import build_test_model
 
-    folder = Path(args.model) if args.model else build_test_model()
-    names = args.types.split(",") if args.types else list(formats.FORMATS)
-    codecs = [formats.get(name) for name in names]
-    with safe_open(folder / "model.safetensors", "np") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if f.get_slice(k).get_shape()[0] > 1
-                   and len(f.get_slice(k).get_shape()) == 2 and ".layers.1." in k}
+    codecs = [formats.get(name) for name in (args.types.split(",") if args.types else formats.FORMATS)]
+    with open_source(args.model or build_test_model()) as source:
+        tensors = {t.name: source.tensor(t.name) for t in source.model.tensors
+                   if t.name.startswith(f"blk.{args.layer}.") and len(t.shape) == 2}
+    if not tensors:
+        raise MixquantError(f"{args.model}: no 2-D tensors in block {args.layer}")
+    print(f"block {args.layer}: {', '.join(tensors)}")
     print(f"{'type':8} {'bits/w':>7} {'tensors':>8} {'rel. RMS error':>15} {'MB/s':>8}")
     for codec in codecs:
-        usable = {k: w for k, w in tensors.items() if w.shape[1] % codec.block_size == 0}
+        usable = [w for w in tensors.values() if w.shape[1] % codec.block_size == 0]
         if not usable:
-            print(f"{codec.name:8} {codec.bits_per_weight:7.3f} {0:8d}  (no tensor of this model fits its block size)")
+            print(f"{codec.name:8} {codec.bits_per_weight:7.3f} {0:8d}  (no tensor here fits its block size)")
             continue
-        err = ref = 0.0
-        seconds = 0.0
-        for w in usable.values():
+        err = ref = seconds = 0.0
+        for w in usable:
             start = time.perf_counter()
             data = formats.quantize(w, codec.name, threads=args.threads)
             seconds += time.perf_counter() - start
-            back = formats.dequantize(data, codec.name, w.shape)
-            err += float(np.sum((back - w).astype(np.float64) ** 2))
+            err += float(np.sum((formats.dequantize(data, codec.name, w.shape) - w).astype(np.float64) ** 2))
             ref += float(np.sum(w.astype(np.float64) ** 2))
-        mbytes = sum(w.nbytes for w in usable.values()) / 1e6
+        mbytes = sum(w.nbytes for w in usable) / 1e6
         print(f"{codec.name:8} {codec.bits_per_weight:7.3f} {len(usable):8d} {np.sqrt(err / ref):15.4%} {mbytes / seconds:8.1f}")
     return 0
 
@@ -110,6 +108,9 @@ def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imatrix", help="importance matrix (.gguf or .dat) used when quantizing plans")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--cpu-activations", action="store_true",
+                   help="also round matmul inputs to 8 bits as llama.cpp's CPU backend does (predicts "
+                        "llama-perplexity's own KLD); default: the weights' error alone")
 
 
 def _read_imatrix_arg(path: str | None):
@@ -130,7 +131,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise MixquantError("--imatrix applies to --plan only (a GGUF file is already quantized)")
     imatrix = _read_imatrix_arg(args.imatrix)
     with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
-                   progress=sys.stderr.isatty()) as ev:
+                   progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations) as ev:
         if args.gguf:
             result = ev.evaluate_gguf(args.gguf)
         else:
@@ -152,7 +153,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.plot and not Path(args.plot).expanduser().parent.is_dir():
         raise MixquantError(f"{Path(args.plot).expanduser().parent}: output folder does not exist")
     with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
-                   progress=sys.stderr.isatty()) as ev:
+                   progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations) as ev:
         check_items(args.items, ev.source.model, imatrix)
         results = []
         for item in args.items:
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_fixture)
 
     p = sub.add_parser("formats", help="quantize real tensors to each format: error and speed")
-    p.add_argument("--model", help="Hugging Face folder (default: the bundled test model)")
+    p.add_argument("--model", help="Hugging Face folder or GGUF (default: the bundled test model)")
+    p.add_argument("--layer", type=int, default=1, help="which block's tensors (default 1)")
     p.add_argument("--types", help="comma-separated types (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_formats)
