@@ -1,0 +1,352 @@
+"""mixquant's allocation against llama.cpp's presets, at exactly the presets' sizes.
+
+On the test model (SmolLM2-135M) with an imatrix from the calibration text:
+
+1. the imatrix (mixquant.calibrate, `--imatrix-chunks` windows of 512 tokens) and the sensitivity
+   analysis (mixquant.analyze, on windows held out from the end of the calibration text) are
+   computed once and kept in `--out`;
+2. for each preset (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K; `plan.preset_plan` reproduces
+   llama-quantize's choice), its tensor bytes are the budget of `allocate.allocate`;
+3. the preset (without and with the imatrix) and mixquant's plan (with it) are evaluated by
+   mixquant.evaluate on the held-out evaluation text (`--eval-chunks` windows of 512, the
+   second half of each scored, as llama-perplexity);
+4. with `--output-importance`, mixquant also runs with an importance vector for the tied
+   output/token embedding (the mean square of the final normed hidden state over calibration
+   windows; llama-imatrix never collects it, so llama-quantize quantizes that tensor blind), its
+   sensitivity re-analysed with it ("mixquant+oi");
+5. with `--referee`, each plan is also written as a GGUF (export.write_gguf) and scored by
+   llama.cpp's own llama-perplexity --kl-divergence against the F32 GGUF (`--referee-chunks`).
+
+Prints a table (size, bpw, PPL, mean/p99 KLD, top-1, and mixquant's KLD relative to the preset
+with imatrix), writes results.json, the chosen plans, and kld_vs_bpw.png into `--out`.
+
+Run: .venv/bin/python bench/allocation.py [--out bench-out] [--threads 1] [--referee]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRESETS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def get_imatrix(args, folder: Path, calib: Path):
+    from mixquant.calibrate import compute_imatrix, read_imatrix, write_imatrix
+    from mixquant.text import read_text
+
+    path = Path(args.imatrix) if args.imatrix else args.out / "imatrix.gguf"
+    if path.is_file():
+        log(f"imatrix: {path}")
+        return read_imatrix(path)
+    start = time.perf_counter()
+    imatrix = compute_imatrix(folder, read_text(calib), ctx=512, chunks=args.imatrix_chunks, progress=False,
+                              dataset=calib.name)
+    write_imatrix(imatrix, path)
+    log(f"imatrix: {args.imatrix_chunks} chunks of 512 in {time.perf_counter() - start:.0f} s -> {path}")
+    return imatrix
+
+
+def get_sensitivity(args, folder: Path, calib: Path, imatrix):
+    from mixquant.analyze import Sensitivity, analyze
+
+    path = Path(args.sensitivity) if args.sensitivity else args.out / "sensitivity.json"
+    if path.is_file():
+        sens = Sensitivity.load(path)
+        log(f"sensitivity: {path} (analysed in {sens.settings.get('seconds', float('nan')):.0f} s)")
+        return sens
+    sens = analyze(folder, imatrix, text=calib, n_windows=args.windows, ctx=args.ctx, measure=args.measure,
+                   threads=args.threads, progress=True)
+    sens.save(path)
+    s = sens.settings
+    log(f"sensitivity: {s['measured_pairs']} measured pairs, {s['candidates']} candidates, {s['tokens']} tokens; "
+        f"{s['seconds']:.0f} s (reference {s['seconds_reference']:.0f}, quantize {s['seconds_quantize']:.0f}, "
+        f"measure {s['seconds_measure']:.0f}) -> {path}")
+    return sens
+
+
+def output_importance(folder: Path, calib: Path, chunks: int, ctx: int = 512) -> np.ndarray:
+    """Mean squared input of the output projection (the final normed hidden state) per column over
+    calibration windows: the importance vector llama-imatrix never collects for a tied output
+    (the token embedding then goes to llama-quantize without one)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mixquant.text import read_text, token_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    windows = token_windows(tokenizer, read_text(calib), ctx, chunks)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    model.eval()
+    acc = None
+    with torch.inference_mode():
+        for w in windows:
+            h = model.get_decoder()(input_ids=w[None], use_cache=False).last_hidden_state[0].double()
+            acc = h.square().sum(0) if acc is None else acc + h.square().sum(0)
+    return (acc / windows.numel()).float().numpy()
+
+
+def get_output_importance(args, folder: Path, calib: Path, imatrix, sens, info):
+    """The imatrix plus an importance vector for the tied output / token embedding, and the
+    sensitivity with that tensor re-analysed with it."""
+    from mixquant.analyze import Sensitivity, analyze
+
+    name = "output.weight" if not info.tied_output else "token_embd.weight"
+    path = args.out / "output_importance.npy"
+    if path.is_file():
+        vec = np.load(path)
+    else:
+        start = time.perf_counter()
+        vec = output_importance(folder, calib, args.output_importance_chunks)
+        np.save(path, vec)
+        log(f"output importance: {args.output_importance_chunks} chunks in {time.perf_counter() - start:.0f} s")
+    importance = imatrix.as_dict()
+    importance[name] = vec
+    spath = args.out / "sensitivity-output-importance.json"
+    if spath.is_file():
+        return importance, Sensitivity.load(spath)
+    s = sens.settings
+    sub = analyze(folder, importance, text=calib, n_windows=s["windows"], ctx=s["ctx"], score_from=s["score_from"],
+                  tensors=[name], validate=[name], threads=args.threads, progress=False)
+    merged = Sensitivity.from_dict(sens.to_dict())
+    merged.tensors[name] = sub.tensors[name]
+    merged.settings["output_importance"] = name
+    merged.fit()
+    merged.save(spath)
+    old, new = sens[name].types, merged[name].types
+    log("output importance for " + name + ": KLD " + ", ".join(
+        f"{t} {old[t].measured:.4g}->{new[t].measured:.4g}" for t in new
+        if new[t].measured and old[t].measured and t != "F32"))
+    return importance, merged
+
+
+# ------------------------------------------------------------------------------------------------
+# the referee: llama-perplexity --kl-divergence on written GGUF files
+
+
+def _parse_perplexity(text: str) -> dict:
+    def grab(pattern):
+        m = re.search(pattern, text)
+        return float(m.group(1)) if m else float("nan")
+
+    return {
+        "ppl": grab(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)"),
+        "ppl_ref": grab(r"Mean PPL\(base\)\s*:\s*([0-9.]+)"),
+        "kld_mean": grab(r"Mean\s+KLD:\s*([0-9.eE+-]+)"),
+        "kld_p99": grab(r"99\.0%\s+KLD:\s*([0-9.eE+-]+)"),
+        "top1": grab(r"Same top p:\s*([0-9.]+)") / 100.0,
+    }
+
+
+class Referee:
+    def __init__(self, args, source, eval_text: Path):
+        from mixquant.export import write_gguf
+        from mixquant.plan import preset_plan
+        from mixquant.reference import llama_tool
+
+        self.args, self.source, self.text = args, source, eval_text
+        self.exe = llama_tool("llama-perplexity")
+        self.dir = args.out / "gguf"
+        self.dir.mkdir(exist_ok=True)
+        self.base = self.dir / f"f32-c512-chunks{args.referee_chunks}.kld"
+        if not self.base.is_file():
+            f32 = self.dir / "F32.gguf"
+            write_gguf(source, preset_plan(source.model, "F32"), f32, progress=False, file_type="F32")
+            self._run(["-m", str(f32), "--kl-divergence-base", str(self.base)])
+            f32.unlink()
+            log(f"referee: base logits {self.base}")
+
+    def _run(self, extra: list[str]) -> str:
+        cmd = [str(self.exe), "-f", str(self.text), "-c", "512", "--chunks", str(self.args.referee_chunks),
+               "-t", str(self.args.threads or 2), *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama-perplexity failed: {done.stderr[-2000:]}")
+        return done.stdout + done.stderr
+
+    def score(self, label: str, plan, imatrix) -> dict:
+        from mixquant.export import write_gguf
+
+        path = self.dir / (re.sub(r"[^A-Za-z0-9_.+-]+", "_", label) + ".gguf")
+        if imatrix is not None and hasattr(imatrix, "as_dict"):
+            imatrix = imatrix.as_dict()
+        res = write_gguf(self.source, plan, path, importance=imatrix, progress=False)
+        out = _parse_perplexity(self._run(["-m", str(path), "--kl-divergence-base", str(self.base),
+                                           "--kl-divergence"]))
+        out.update(file_bytes=res.bytes, tensor_bytes=res.tensor_bytes)
+        if not self.args.keep_gguf:
+            path.unlink()
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict], out: Path, with_referee: bool) -> Path:
+    """Mean KLD (log) against bits per weight: one line per method, presets labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    styles = {"preset": ("tab:gray", "s", "llama.cpp preset"),
+              "preset+imatrix": ("tab:orange", "o", "llama.cpp preset + imatrix"),
+              "mixquant": ("tab:blue", "D", "mixquant (same tensor bytes)"),
+              "mixquant+oi": ("tab:green", "^", "mixquant + output importance")}
+    for kind, (color, marker, label) in styles.items():
+        pts = sorted((r["bits_per_weight"], r["kld_mean"], r["preset"]) for r in rows if r["kind"] == kind)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label)
+        if with_referee:
+            ref = sorted((r["bits_per_weight"], r["referee"]["kld_mean"]) for r in rows if r["kind"] == kind)
+            ax.plot([p[0] for p in ref], [p[1] for p in ref], marker=marker, color=color, ls=":", alpha=0.6,
+                    label=f"{label}, llama-perplexity")
+        if kind == "preset+imatrix":
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (tensor data)")
+    ax.set_ylabel("mean KL divergence vs float32")
+    ax.set_title("SmolLM2-135M: mixquant allocation vs llama.cpp presets", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None, help="folder for the cached imatrix, sensitivity, "
+                   "plans, results and plot (default: <mixquant cache>/bench/allocation)")
+    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--imatrix", help="an imatrix file to use instead of computing one")
+    p.add_argument("--imatrix-chunks", type=int, default=100)
+    p.add_argument("--sensitivity", help="a sensitivity.json to use instead of analysing")
+    p.add_argument("--windows", type=int, default=2, help="held-out windows for the analysis (default 2)")
+    p.add_argument("--ctx", type=int, default=256, help="their length in tokens (default 256)")
+    p.add_argument("--measure", default="probe", choices=("probe", "all", "none"))
+    p.add_argument("--eval-chunks", type=int, default=8, help="evaluation windows of 512 tokens (default 8)")
+    p.add_argument("--no-plain", action="store_true", help="skip the presets without imatrix")
+    p.add_argument("--threads", type=int, default=None, help="torch/quantization threads (default: torch's)")
+    p.add_argument("--output-importance", action="store_true",
+                   help="also run mixquant with an importance vector for the tied output/token embedding "
+                        "(the final hidden state's mean square), which llama-imatrix never collects")
+    p.add_argument("--output-importance-chunks", type=int, default=16)
+    p.add_argument("--referee", action="store_true", help="also score GGUF files with llama-perplexity")
+    p.add_argument("--referee-chunks", type=int, default=40)
+    p.add_argument("--keep-gguf", action="store_true")
+    args = p.parse_args()
+    if args.out is None:
+        from mixquant.cache import cache_dir
+
+        args.out = cache_dir() / "bench" / "allocation"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from mixquant.allocate import allocate
+    from mixquant.evaluate import Evaluator, format_table
+    from mixquant.plan import preset_plan
+    from mixquant.source import open_source
+    from mixquant.testdata import build_test_model, build_test_text
+
+    folder = build_test_model()
+    calib, eval_text = build_test_text()
+    source = open_source(folder)
+    info = source.model
+
+    imatrix = get_imatrix(args, folder, calib)
+    sens = get_sensitivity(args, folder, calib, imatrix)
+    fit = sens.fit_report()
+    if fit.get("pairs"):
+        log(f"fit check, {fit['pairs']} pairs on {fit['tensors']} tensors measured at 2+ types, each type predicted "
+            f"from the first probe (type factors leave the tensor out): median "
+            f"|log(fitted/measured)| {fit['median_abs_log_ratio']:.3f}, {100 * fit['within_factor_2']:.0f}% within "
+            f"a factor 2 (scale only: {fit['median_abs_log_ratio_without_type_factors']:.3f}, "
+            f"{100 * fit['within_factor_2_without_type_factors']:.0f}%)")
+    # (kind, label prefix, sensitivity, importance): what mixquant is run with
+    methods = [("mixquant", "mixquant", sens, imatrix)]
+    if args.output_importance:
+        importance, sens_oi = get_output_importance(args, folder, calib, imatrix, sens, info)
+        methods.append(("mixquant+oi", "mixquant+oi", sens_oi, importance))
+
+    referee = Referee(args, source, eval_text) if args.referee else None
+    rows = []
+    results = []
+    presets = args.presets.split(",")
+    with Evaluator(folder, eval_text, ctx=512, chunks=args.eval_chunks, threads=args.threads,
+                   progress=False) as ev:
+        ref = ev.reference()
+        log(f"reference: PPL {ref.ppl:.4f} on {ev.n_chunks} chunks")
+        for preset in presets:
+            plan = preset_plan(info, preset, has_imatrix=True)
+            budget = plan.total_bytes
+            entries = []
+            if not args.no_plain:
+                entries.append((preset, "preset", plan, None, None))
+            entries.append((f"{preset} +imatrix", "preset+imatrix", plan, imatrix, None))
+            for kind, prefix, sn, imp in methods:
+                alloc = allocate(sn, max_bytes=budget)
+                log(f"{preset}: {budget:,} tensor bytes; {kind}: {alloc}")
+                (args.out / f"plan-{kind}-{preset}.json").write_text(json.dumps(alloc.plan.types, indent=1))
+                entries.append((f"{prefix}@{preset}", kind, alloc.plan, imp, alloc))
+            for label, kind, pl, im, alloc in entries:
+                r = ev.evaluate_plan(pl, imatrix=im, label=label)
+                row = {**r.to_dict(), "preset": preset, "kind": kind}
+                if alloc is not None:
+                    row.update(predicted_damage=alloc.damage, lower_bound=alloc.lower_bound, method=alloc.method,
+                               token_embd=pl.types.get("token_embd.weight"))
+                if referee is not None:
+                    row["referee"] = referee.score(label, pl, im)
+                log(f"  {label:22s} {r.bytes:>12,} B {r.bits_per_weight:6.3f} bpw  PPL {r.ppl:8.4f}  "
+                    f"KLD {r.kld_mean:.5f} (p99 {r.kld_p99:.4f})  top-1 {100 * r.top1:.2f}%"
+                    + (f"  | llama-perplexity KLD {row['referee']['kld_mean']:.5f}" if referee else ""))
+                rows.append(row)
+                results.append(r)
+            (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+    print(format_table(results))
+    by = {(r["preset"], r["kind"]): r for r in rows}
+    for source_name, key in (("mixquant.evaluate", None), ("llama-perplexity", "referee")):
+        if key and referee is None:
+            continue
+        print(f"\nmean KLD by {source_name} ({'%d chunks' % args.eval_chunks if key is None else '%d chunks' % args.referee_chunks}"
+              " of 512), same tensor bytes:")
+        head = f"{'preset':8} {'tensor bytes':>13} {'bpw':>6} {'preset+imatrix':>15}"
+        for kind, *_ in methods:
+            head += f" {kind:>12} {'change':>8}"
+        print(head)
+        for preset in presets:
+            a = by[(preset, "preset+imatrix")]
+            ka = a[key]["kld_mean"] if key else a["kld_mean"]
+            line = f"{preset:8} {a['bytes']:>13,} {a['bits_per_weight']:6.3f} {ka:15.5f}"
+            for kind, *_ in methods:
+                b = by[(preset, kind)]
+                kb = b[key]["kld_mean"] if key else b["kld_mean"]
+                line += f" {kb:12.5f} {100 * (kb / ka - 1):+7.1f}%"
+            print(line)
+    png = plot(rows, args.out / "kld_vs_bpw.png", referee is not None)
+    log(f"plot: {png}; results: {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
