@@ -53,20 +53,80 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _parse_size(text: str) -> int:
+    """'80MB', '76.5MiB', '1.2GB' or plain bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise MixquantError(f"--target-size: cannot read {text!r}; give bytes or a size like 80MB or 76MiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+
+
+def _pinned(model, patterns: list[str]) -> dict[str, str]:
+    """--tensor-type PATTERN=TYPE as pins: first matching pattern wins, as in llama-quantize."""
+    import re
+
+    rules = []
+    for item in patterns:
+        pattern, sep, type_name = item.partition("=")
+        if not sep:
+            raise MixquantError(f"--tensor-type {item!r}: expected PATTERN=TYPE")
+        rules.append((re.compile(pattern.lower()), type_name.upper()))
+    return {t.name: next(ty for rx, ty in rules if rx.search(t.name))
+            for t in model.tensors if any(rx.search(t.name) for rx, _ in rules)}
+
+
+def _allocated_plan(args: argparse.Namespace, source, imatrix):
+    """The plan that minimises predicted damage within --target-bpw/--target-size."""
+    from .allocate import allocate
+    from .analyze import Sensitivity, analyze
+    from .export import gguf_file_size
+    from .plan import preset_plan
+
+    if args.sensitivity:
+        sens = Sensitivity.load(args.sensitivity)
+    elif args.text:
+        sens = analyze(source, imatrix, text=args.text, threads=args.threads, progress=sys.stderr.isatty())
+    else:
+        raise MixquantError("--target-bpw/--target-size need --sensitivity FILE (from mixquant analyze) or --text CALIB.txt")
+    budget: dict = {}
+    if args.target_bpw is not None:
+        budget["bpw"] = args.target_bpw
+    else:
+        f32 = preset_plan(source.model, "F32")
+        budget["file_bytes"] = _parse_size(args.target_size)
+        budget["overhead"] = gguf_file_size(source, f32) - f32.total_bytes - 31 * len(f32.types)
+    result = allocate(sens, pinned=_pinned(source.model, args.tensor_type), **budget)
+    print(f"allocation: {result}", file=sys.stderr)
+    return result.plan
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    """llama-quantize's interface: SRC OUT.gguf TYPE, per-tensor plan from the preset and overrides."""
+    """llama-quantize's interface: SRC OUT.gguf TYPE, per-tensor plan from the preset and overrides;
+    or a size (--target-bpw/--target-size) and the plan that loses least within it."""
     from .export import gguf_file_size, write_gguf
     from .plan import preset_plan
     from .source import open_source
 
+    if (args.type is None) == (args.target_bpw is None and args.target_size is None):
+        raise MixquantError("give either a preset/type or one of --target-bpw/--target-size")
+    if args.target_bpw is not None and args.target_size is not None:
+        raise MixquantError("give only one of --target-bpw and --target-size")
     imatrix = _read_imatrix_arg(args.imatrix)
     with open_source(args.src, allow_requantize=args.allow_requantize) as source:
-        plan = preset_plan(source.model, args.type, pure=args.pure, output_type=args.output_tensor_type,
-                           token_embedding_type=args.token_embedding_type, tensor_types=args.tensor_type,
-                           has_imatrix=imatrix is not None, leave_output=args.leave_output_tensor)
-        if plan.requires_imatrix and imatrix is None:
-            print(f"warning: {len(plan.requires_imatrix)} tensors get types that are poor without an "
-                  "importance matrix (--imatrix)", file=sys.stderr)
+        if args.type is None:
+            plan = _allocated_plan(args, source, imatrix)
+        else:
+            plan = preset_plan(source.model, args.type, pure=args.pure, output_type=args.output_tensor_type,
+                               token_embedding_type=args.token_embedding_type, tensor_types=args.tensor_type,
+                               has_imatrix=imatrix is not None, leave_output=args.leave_output_tensor)
+            if plan.requires_imatrix and imatrix is None:
+                print(f"warning: {len(plan.requires_imatrix)} tensors get types that are poor without an "
+                      "importance matrix (--imatrix)", file=sys.stderr)
         if args.dry_run:
             size = gguf_file_size(source, plan, file_type=args.type)
             print(plan.table())
@@ -77,6 +137,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         result = write_gguf(source, plan, args.out, importance=importance, threads=args.threads,
                             progress=sys.stderr.isatty(), file_type=args.type)
     print(result)
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """imatrix + per-tensor, per-type sensitivity, for the allocator."""
+    from .analyze import analyze
+    from .calibrate import compute_imatrix, write_imatrix
+    from .source import open_source
+    from .text import read_text
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    text = Path(args.text)
+    if not text.is_file():
+        raise MixquantError(f"{text}: no such text file")
+    with open_source(args.src) as source:
+        if source.hf_folder is None:
+            raise MixquantError(f"{args.src}: analyze needs a Hugging Face folder (it runs the model in PyTorch)")
+        start = time.perf_counter()
+        imatrix = compute_imatrix(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks,
+                                  progress=sys.stderr.isatty(), dataset=str(text))
+        write_imatrix(imatrix, out / "imatrix.gguf")
+        print(f"imatrix: {out / 'imatrix.gguf'} ({imatrix.chunks} chunks, {time.perf_counter() - start:.0f} s)")
+        start = time.perf_counter()
+        sens = analyze(source, imatrix, text=text, types=args.types.split(",") if args.types else None,
+                       threads=args.threads, progress=sys.stderr.isatty())
+        sens.save(out / "sensitivity.json")
+        print(f"sensitivity: {out / 'sensitivity.json'} ({len(sens.names)} tensors, {time.perf_counter() - start:.0f} s)")
     return 0
 
 
@@ -188,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model to GGUF (llama-quantize compatible)")
     p.add_argument("src", help="Hugging Face folder or GGUF file")
     p.add_argument("out", help="output .gguf (written to a temporary name, renamed when complete)")
-    p.add_argument("type", help="preset (Q4_K_M, Q5_K_S, ...) or a single type (Q8_0, ...)")
+    p.add_argument("type", nargs="?", help="preset (Q4_K_M, Q5_K_S, ...) or a single type (Q8_0, ...); "
+                   "leave out with --target-bpw/--target-size")
+    p.add_argument("--target-bpw", type=float, help="allocate types for this many bits per weight")
+    p.add_argument("--target-size", help="allocate types for this file size (bytes, or 80MB, 76MiB ...)")
+    p.add_argument("--sensitivity", help="sensitivity.json from mixquant analyze (for --target-*)")
+    p.add_argument("--text", help="calibration text: analyse on the fly (for --target-* without --sensitivity)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
     p.add_argument("--imatrix", help="importance matrix (llama-imatrix .gguf or legacy .dat)")
@@ -200,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pure", action="store_true", help="one type for every quantizable tensor, no mixing")
     p.add_argument("--allow-requantize", action="store_true", help="accept an already-quantized GGUF source")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("analyze", help="imatrix and per-tensor sensitivity to each type (for allocation)")
+    p.add_argument("src", help="the model's Hugging Face folder")
+    p.add_argument("--text", required=True, help="calibration text file")
+    p.add_argument("-o", "--output", required=True, help="output folder: imatrix.gguf, sensitivity.json")
+    p.add_argument("--ctx", type=int, default=512, help="imatrix chunk size (default 512)")
+    p.add_argument("--chunks", type=int, default=64, help="imatrix chunks (default 64)")
+    p.add_argument("--types", help="candidate types, comma-separated (default: all)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("imatrix", help="compute an importance matrix on calibration text (llama-imatrix compatible)")
     p.add_argument("src", help="the model's Hugging Face folder")

@@ -280,6 +280,9 @@ def write_gguf(
             os.fsync(fh.fileno())
         writer.close()
         writer = None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the output is an ordinary file
         os.replace(tmp, out)
     except BaseException as exc:
         if bar is not None:
