@@ -46,3 +46,47 @@ def importance_cases(cols: int = 512, seed: int = 1) -> dict[str, np.ndarray | N
         "lognormal": np.exp(rng.normal(0, 2, cols)).astype(np.float32),
         "with_zeros": np.where(rng.random(cols) < 0.2, 0, rng.random(cols)).astype(np.float32),
     }
+
+
+_WORDS = ("the cat dog sat on a mat and ran to house tree river stone quickly slowly red blue green "
+          "bird fish over under near far big small old new day night sun moon").split()
+
+
+def random_text(n_words: int, seed: int) -> str:
+    """Sentences of random common words: text a tiny BPE tokenizer can be trained and run on."""
+    rng = np.random.default_rng(seed)
+    return "\n".join(" ".join(rng.choice(_WORDS, 12)).capitalize() + "." for _ in range(n_words // 12)) + "\n"
+
+
+def make_tiny_llama(folder, *, vocab_size: int, intermediate_size: int, tie_word_embeddings: bool):
+    """A random 2-layer GQA llama with its own byte-level BPE tokenizer, saved as an HF folder.
+
+    Norm weights are non-trivial, so a wrong permutation or name mapping would show."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([random_text(3000, 0)], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "model_max_length": 4096}))
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tie_word_embeddings, max_position_embeddings=256,
+                         initializer_range=0.15, bos_token_id=None, eos_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    return folder

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_llama, random_text
 
 from mixquant.errors import MixquantError
 from mixquant.evaluate import EvalResult, Evaluator, format_table, plot_results, unpermute_qk
@@ -16,49 +17,13 @@ from mixquant.evaluate import EvalResult, Evaluator, format_table, plot_results,
 CTX = 32
 CHUNKS = 3
 
-_WORDS = ("the cat dog sat on a mat and ran to house tree river stone quickly slowly red blue green "
-          "bird fish over under near far big small old new day night sun moon").split()
-
-
-def _text(n_words: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    lines = []
-    for _ in range(n_words // 12):
-        lines.append(" ".join(rng.choice(_WORDS, 12)).capitalize() + ".")
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A random 2-layer GQA llama with its own byte-level BPE tokenizer, saved as an HF folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A random 2-layer GQA llama (HF folder) and a text file for it."""
     root = tmp_path_factory.mktemp("tiny")
-    folder = root / "model"
-    folder.mkdir()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_text(3000, 0)], trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "model_max_length": 4096}))
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=256,
-                         initializer_range=0.15, bos_token_id=None, eos_token_id=0)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # non-trivial norms, so a wrong permutation or mapping would show
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
+    folder = make_tiny_llama(root / "model", vocab_size=320, intermediate_size=128, tie_word_embeddings=False)
     text = root / "eval.txt"
-    text.write_text(_text(400, 1))
+    text.write_text(random_text(400, 1))
     return folder, text
 
 
