@@ -50,6 +50,20 @@ def _best_index_int8(values, x):
     return r if x < values[15] else 15
 
 
+@njit(inline="always", **_JIT)
+def _fit(values, x, r, xb, weight, inv):
+    """The weighted sums sum(w*q*x), sum(w*q*q) of one 32-block's nearest grid values at scale 1/inv."""
+    sumqx = F32(0.0)
+    sumq2 = F32(0.0)
+    for j in range(32):
+        xv = x[r, xb + j]
+        q = values[_best_index_int8(values, inv * xv)]
+        wq = weight[j] * q
+        sumqx += wq * xv
+        sumq2 += wq * q
+    return sumqx, sumq2
+
+
 @njit(**_JIT)
 def _quantize_rows(x, qw, use_qw, sbs, ntry, out):
     """quantize_row_iq4_nl_impl(sbs, 32, ...) over every super-block of every row of x into out.
@@ -102,30 +116,12 @@ def _quantize_rows(x, qw, use_qw, sbs, ntry, out):
                     scales[ib] = F32(0.0)
                     continue
                 d = -mx / v0 if ntry > 0 else mx / v0
-                inv = F32(1.0) / d
-                sumqx = F32(0.0)
-                sumq2 = F32(0.0)
-                for j in range(32):
-                    xv = x[r, xb + j]
-                    l = _best_index_int8(values, inv * xv)
-                    # (C stores l into L here; every path with ntry > 0 overwrites it below)
-                    q = values[l]
-                    wq = weight[j] * q
-                    sumqx += wq * xv
-                    sumq2 += wq * q
+                # (C stores the indices into L here; every path with ntry > 0 overwrites them below)
+                sumqx, sumq2 = _fit(values, x, r, xb, weight, F32(1.0) / d)
                 d = sumqx / sumq2 if sumq2 > F32(0.0) else F32(0.0)
                 best = d * sumqx
                 for itry in range(-ntry, ntry + 1):
-                    inv = (F32(itry) + v0) / mx
-                    sumqx = F32(0.0)
-                    sumq2 = F32(0.0)
-                    for j in range(32):
-                        xv = x[r, xb + j]
-                        l = _best_index_int8(values, inv * xv)
-                        q = values[l]
-                        wq = weight[j] * q
-                        sumqx += wq * xv
-                        sumq2 += wq * q
+                    sumqx, sumq2 = _fit(values, x, r, xb, weight, (F32(itry) + v0) / mx)
                     if sumq2 > F32(0.0) and sumqx * sumqx > best * sumq2:
                         d = sumqx / sumq2
                         best = d * sumqx
