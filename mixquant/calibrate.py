@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MixquantError
+from .text import read_bytes
 
 __all__ = [
     "Imatrix",
@@ -432,10 +433,7 @@ def read_imatrix(path: str | Path) -> Imatrix:
     Raises a one-line MixquantError for a missing, truncated, non-imatrix or non-finite file.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise MixquantError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = read_bytes(path)
     try:
         if data[:4] == _GGUF_MAGIC:
             imatrix = _parse_gguf(data)

@@ -22,21 +22,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .errors import MixquantError
 
 __all__ = ["read_text", "adds_bos", "tokenize", "token_windows"]
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """A whole input file; an unreadable one is a one-line MixquantError naming it."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise MixquantError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def read_text(path: str | Path) -> str:
     """A text file as llama.cpp's `-f` reads it: bytes as they are (no newline translation), one
     trailing "\\n" removed."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise MixquantError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    raw = read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -106,6 +109,8 @@ def token_windows(tokenizer, text: str, ctx: int, max_chunks: int | None = None,
         )
     n_chunk_max = len(tokens) // ctx
     n_chunk = n_chunk_max if max_chunks is None or max_chunks < 0 else min(max_chunks, n_chunk_max)
+    import torch  # here, so that reading files does not load torch
+
     windows = torch.tensor(tokens[: n_chunk * ctx], dtype=torch.long).reshape(n_chunk, ctx)
     if add_bos:
         windows[:, 0] = int(tokenizer.bos_token_id)
