@@ -41,6 +41,7 @@ def _cmd_formats(args: argparse.Namespace) -> int:
         if not usable:
             print(f"{codec.name:8} {codec.bits_per_weight:7.3f} {0:8d}  (no tensor here fits its block size)")
             continue
+        formats.quantize(usable[0][:1], codec.name)  # compile the kernel before timing it
         err = ref = seconds = 0.0
         for w in usable:
             start = time.perf_counter()
