@@ -3,6 +3,7 @@
     alloc = allocate(sens, max_bytes=105_453_920 - overhead)     # or bpw=4.9, or file_bytes=..., overhead=...
     alloc.plan            # plan.Plan: tensor name -> type
     alloc.damage          # predicted total damage (sum of per-tensor damages, e.g. KLD nats/token)
+    allocate(sens, max_damage=0.03)   # the dual: the smallest plan predicted to lose at most that
 
 The problem is a multiple-choice knapsack: tensor i takes exactly one option k (a type) of
 bytes b_ik and damage d_ik (from `analyze.Sensitivity.damage`); minimise sum d subject to
@@ -27,6 +28,11 @@ Solved in two ways, the better answer kept (`method="auto"`):
    the budget spans more than `max_units` units of g, the DP runs on coarser units with every
    option's bytes rounded up (still feasible, within tensors x unit bytes of the optimum) and the
    greedy fill follows.
+
+The dual problem, the smallest plan whose summed damage is at most a bound (`max_damage`,
+`solve_min_bytes`), is solved by bisection on the byte budget with the solver above: the optimal
+damage never grows with the budget, so the first budget whose optimum reaches the bound is the
+smallest plan that does (exact whenever the DP is).
 
 Budget: **tensor data bytes**, the number `plan.Plan.total_bytes` and llama-quantize's "quant size"
 report; the GGUF header, metadata and tensor infos (about 1.8 MB on the test model, mostly the
@@ -64,7 +70,9 @@ __all__ = [
     "Solution",
     "allocate",
     "solve",
+    "solve_min_bytes",
     "budget_bytes",
+    "plan_damage",
 ]
 
 DEFAULT_MIN_TYPES: dict[str, str] = {"token_embd.weight": "Q4_0", "output.weight": "Q4_0"}
@@ -171,12 +179,18 @@ def _greedy_fill(groups_b, groups_d, choice: list[int], budget: int) -> list[int
         choice[g] = int(flat_k[m])
 
 
+def _unit(groups_b) -> int:
+    """g: the gcd of every option's bytes above its group's cheapest (0 when no group has a choice
+    of sizes). Every plan's size is the cheapest plan's plus a multiple of g."""
+    return reduce(math.gcd, (int(x) for b in groups_b for x in b - b.min() if x > 0), 0)
+
+
 def _dp(groups_b, groups_d, budget: int, max_units: int):
     """Exact (or, past max_units, rounded-up coarse) DP. Returns (choice, exact?)."""
     base = [int(b.min()) for b in groups_b]
     slack = budget - sum(base)
     deltas = [(b - bmin).astype(np.int64) for b, bmin in zip(groups_b, base)]
-    g = reduce(math.gcd, (int(x) for dl in deltas for x in dl if x > 0), 0)
+    g = _unit(groups_b)
     if g == 0:  # nothing has a choice of sizes
         return [int(np.argmin(d)) for d in groups_d], True
     exact = slack // g <= max_units
@@ -221,6 +235,27 @@ def _dp(groups_b, groups_d, budget: int, max_units: int):
     return choice, exact
 
 
+def _groups(options: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each group's option bytes and damages as arrays, checked."""
+    groups_b, groups_d = [], []
+    for i, opts in enumerate(options):
+        if not opts:
+            raise MixquantError(f"group {i} has no option")
+        b = np.array([int(o[0]) for o in opts], dtype=np.int64)
+        d = np.array([float(o[1]) for o in opts], dtype=np.float64)
+        if (b < 0).any() or not np.isfinite(d).all():
+            raise MixquantError(f"group {i}: bytes must be non-negative and damage finite")
+        groups_b.append(b)
+        groups_d.append(d)
+    return groups_b, groups_d
+
+
+def _total(groups_b, groups_d, choice) -> tuple[int, float]:
+    """(bytes, damage) of a choice, the damage summed in group order."""
+    return (sum(int(b[c]) for b, c in zip(groups_b, choice)),
+            float(sum(float(d[c]) for d, c in zip(groups_d, choice))))
+
+
 def solve(
     options: Sequence[Sequence[tuple[int, float]]],
     budget: int,
@@ -236,16 +271,7 @@ def solve(
         raise MixquantError(f"method must be 'auto', 'lagrange' or 'exact', got {method!r}")
     if not options:
         return Solution([], 0, 0.0, 0.0, 0.0, 0.0, 0, "exact")
-    groups_b, groups_d = [], []
-    for i, opts in enumerate(options):
-        if not opts:
-            raise MixquantError(f"group {i} has no option")
-        b = np.array([int(o[0]) for o in opts], dtype=np.int64)
-        d = np.array([float(o[1]) for o in opts], dtype=np.float64)
-        if (b < 0).any() or not np.isfinite(d).all():
-            raise MixquantError(f"group {i}: bytes must be non-negative and damage finite")
-        groups_b.append(b)
-        groups_d.append(d)
+    groups_b, groups_d = _groups(options)
     budget = int(budget)
     smallest = sum(int(b.min()) for b in groups_b)
     if smallest > budget:
@@ -253,8 +279,7 @@ def solve(
                             f"allow, {smallest:,} bytes")
 
     def total(choice):
-        return (sum(int(b[c]) for b, c in zip(groups_b, choice)),
-                float(sum(float(d[c]) for d, c in zip(groups_d, choice))))
+        return _total(groups_b, groups_d, choice)
 
     lchoice, lam, lower = _lagrange(groups_b, groups_d, budget)
     lchoice = _greedy_fill(groups_b, groups_d, lchoice, budget)
@@ -272,6 +297,49 @@ def solve(
     assert nb <= budget
     return Solution(choice=list(best), bytes=nb, damage=nd, lower_bound=min(lower, nd), lam=lam,
                     lagrange_damage=ld, lagrange_bytes=lb, method=how)
+
+
+def solve_min_bytes(
+    options: Sequence[Sequence[tuple[int, float]]],
+    max_damage: float,
+    *,
+    method: str = "auto",
+    max_units: int = DEFAULT_MAX_UNITS,
+) -> Solution:
+    """The dual problem: the fewest bytes for a total damage of at most max_damage.
+
+    Bisection on the byte budget with `solve`: the optimal damage does not grow with the budget,
+    so the smallest budget whose optimum reaches the bound is the answer, and that optimum (ties
+    go to fewer bytes) is the plan. Plan sizes are the cheapest plan's plus multiples of g
+    (`_unit`), so the search runs over those only, between the cheapest plan and the cheapest of
+    the least-damage plans: log2 of their distance in units of g solves (17 on the test model,
+    about a second). Exact whenever `solve` is (its DP spans at most max_units units); otherwise
+    the plan still keeps within the bound but may not be the smallest. Raises MixquantError,
+    naming the smallest achievable damage, when no plan reaches the bound.
+    """
+    if not max_damage >= 0:
+        raise MixquantError(f"the damage bound must be a non-negative number, got {max_damage}")
+    if not options:
+        return Solution([], 0, 0.0, 0.0, 0.0, 0.0, 0, "exact")
+    groups_b, groups_d = _groups(options)
+    # the least damage anywhere, at the fewest bytes: the top of the search, feasible by construction
+    top = [min(range(len(b)), key=lambda k: (d[k], b[k])) for b, d in zip(groups_b, groups_d)]
+    top_bytes, floor = _total(groups_b, groups_d, top)
+    if floor > max_damage:
+        raise MixquantError(f"no plan has a predicted damage of {max_damage:.5g} or less: the smallest these "
+                            f"constraints allow is {floor:.5g}")
+    best = Solution(top, top_bytes, floor, floor, 0.0, floor, top_bytes, "exact")
+    smallest, g = sum(int(b.min()) for b in groups_b), _unit(groups_b) or 1
+    # invariant: a budget of smallest + hi*g reaches the bound (best), smallest + lo*g does not
+    lo, hi = -1, (top_bytes - smallest) // g
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        sol = solve(options, smallest + mid * g, method=method, max_units=max_units)
+        if sol.damage <= max_damage:
+            hi, best = mid, sol
+        else:
+            lo = mid
+    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +396,7 @@ class Allocation:
     n_elements: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    max_damage: float | None = None  # the bound of a max_damage allocation (budget is then its bytes)
 
     @property
     def bits_per_weight(self) -> float:
@@ -336,8 +405,10 @@ class Allocation:
     def __str__(self) -> str:
         counts = sorted(self.plan.type_counts().items(), key=lambda kv: -kv[1])
         types = ", ".join(f"{n} {t}" for t, n in counts)
-        return (f"{self.bytes:,} of {self.budget:,} bytes ({self.bits_per_weight:.3f} bpw), predicted damage "
-                f"{self.damage:.5g} (bound {self.lower_bound:.5g}, {self.method}); {types}")
+        size = (f"{self.bytes:,} of {self.budget:,} bytes" if self.max_damage is None
+                else f"{self.bytes:,} bytes, the least for damage <= {self.max_damage:.5g}")
+        return (f"{size} ({self.bits_per_weight:.3f} bpw), predicted damage {self.damage:.5g} "
+                f"(bound {self.lower_bound:.5g}, {self.method}); {types}")
 
 
 def _bpw(type_name: str) -> float:
@@ -353,6 +424,7 @@ def allocate(
     bpw: float | None = None,
     file_bytes: int | None = None,
     overhead: int | None = None,
+    max_damage: float | None = None,
     pinned: Mapping[str, str] | None = None,
     min_types: Mapping[str, str] | None = None,
     types: Sequence[str] | None = None,
@@ -361,7 +433,9 @@ def allocate(
     max_units: int = DEFAULT_MAX_UNITS,
 ) -> Allocation:
     """Choose a type for every tensor of `sens` (an `analyze.Sensitivity`) within the budget (one of
-    max_bytes / bpw / file_bytes+overhead, see `budget_bytes`), minimising the summed damage.
+    max_bytes / bpw / file_bytes+overhead, see `budget_bytes`), minimising the summed damage; or,
+    with max_damage instead of a budget, the smallest plan whose summed damage is at most that
+    (`solve_min_bytes`).
 
     pinned: {tensor: type} fixed choices (the type need not have been analysed; its damage then
         counts as 0). min_types: {tensor: type} floors in bits per weight (default
@@ -369,7 +443,8 @@ def allocate(
         tied model). types: restrict the candidate types (fixed and pinned tensors excepted).
     damage: which damage to minimise ("auto", "fitted", "measured", "predicted": Sensitivity.damage).
     Raises MixquantError when the budget is below the smallest plan the constraints allow (the
-    message gives that size).
+    message gives that size), or when no plan reaches max_damage (the message gives the least
+    damage possible).
     """
     from . import formats
     from .plan import Plan, tensor_bytes
@@ -383,8 +458,11 @@ def allocate(
         raise MixquantError(f"pinned tensor {unknown[0]!r} is not in the sensitivity")
     allowed = None if types is None else {formats.get(t).name for t in types}
     n_elements = sens.n_elements
-    budget = budget_bytes(n_elements, max_bytes=max_bytes, bpw=bpw, file_bytes=file_bytes, overhead=overhead,
-                          n_tensors=len(names))
+    if max_damage is None:
+        budget = budget_bytes(n_elements, max_bytes=max_bytes, bpw=bpw, file_bytes=file_bytes, overhead=overhead,
+                              n_tensors=len(names))
+    elif any(x is not None for x in (max_bytes, bpw, file_bytes)):
+        raise MixquantError("give either a budget (max_bytes, bpw or file_bytes) or max_damage, not both")
 
     notes: list[str] = []
     opts_by_group: list[list[tuple[str, int, float]]] = []
@@ -422,16 +500,35 @@ def allocate(
                                 + (f" (types {', '.join(sorted(allowed))})" if allowed is not None else ""))
         opts_by_group.append(opts)
 
-    smallest = sum(min(o[1] for o in opts) for opts in opts_by_group)
-    if smallest > budget:
-        raise MixquantError(
-            f"a budget of {budget:,} tensor bytes ({8 * budget / n_elements:.3f} bpw) is below the smallest plan "
-            f"these constraints allow: {smallest:,} bytes ({8 * smallest / n_elements:.3f} bpw)")
-    sol = solve([[(o[1], o[2]) for o in opts] for opts in opts_by_group], budget, method=method,
-                max_units=max_units)
+    groups = [[(o[1], o[2]) for o in opts] for opts in opts_by_group]
+    if max_damage is None:
+        smallest = sum(min(o[1] for o in opts) for opts in opts_by_group)
+        if smallest > budget:
+            raise MixquantError(
+                f"a budget of {budget:,} tensor bytes ({8 * budget / n_elements:.3f} bpw) is below the smallest "
+                f"plan these constraints allow: {smallest:,} bytes ({8 * smallest / n_elements:.3f} bpw)")
+        sol = solve(groups, budget, method=method, max_units=max_units)
+    else:
+        sol = solve_min_bytes(groups, max_damage, method=method, max_units=max_units)
+        budget = sol.bytes
     chosen = {name: opts[k][0] for name, opts, k in zip(names, opts_by_group, sol.choice)}
     plan = Plan(types=chosen, shapes=sens.shapes)
     assert plan.total_bytes == sol.bytes <= budget, (plan.total_bytes, sol.bytes, budget)
     return Allocation(plan=plan, damage=sol.damage, bytes=sol.bytes, budget=budget, lower_bound=sol.lower_bound,
                       lam=sol.lam, lagrange_damage=sol.lagrange_damage, method=sol.method, n_elements=n_elements,
-                      seconds=time.perf_counter() - started, notes=notes)
+                      seconds=time.perf_counter() - started, notes=notes, max_damage=max_damage)
+
+
+def plan_damage(sens: Any, plan: Any, how: str = "auto") -> dict[str, float]:
+    """{tensor: predicted damage} of any plan (a preset's, a recipe's, an allocation's) under a
+    sensitivity of the same model: `Sensitivity.damage`, NaN where the plan's type was not analysed.
+    The sum is the predicted total that `Allocation.damage` reports, so plans compare directly."""
+    out = {}
+    for name, typ in plan.types.items():
+        if name not in sens:
+            raise MixquantError(f"the sensitivity has no tensor {name!r}: was it computed for another model?")
+        if tuple(sens[name].shape) != tuple(plan.shapes[name]):
+            raise MixquantError(f"the sensitivity's {name} has shape {sens[name].shape}, the model's "
+                                f"{plan.shapes[name]}: was it computed for another model?")
+        out[name] = sens.damage(name, typ, how) if typ in sens[name].types else math.nan
+    return out

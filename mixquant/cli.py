@@ -67,73 +67,110 @@ def _parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
 
 
-def _pinned(model, patterns: list[str]) -> dict[str, str]:
-    """--tensor-type PATTERN=TYPE as pins: first matching pattern wins, as in llama-quantize."""
-    import re
-
-    rules = []
-    for item in patterns:
-        pattern, sep, type_name = item.partition("=")
-        if not sep:
-            raise MixquantError(f"--tensor-type {item!r}: expected PATTERN=TYPE")
-        rules.append((re.compile(pattern.lower()), type_name.upper()))
-    return {t.name: next(ty for rx, ty in rules if rx.search(t.name))
-            for t in model.tensors if any(rx.search(t.name) for rx, _ in rules)}
+_TARGETS = {"target_bpw": "--target-bpw", "target_size": "--target-size", "max_kld": "--max-kld"}
 
 
-def _allocated_plan(args: argparse.Namespace, source, imatrix):
-    """The plan that minimises predicted damage within --target-bpw/--target-size."""
-    from .allocate import allocate
+def _rules(args: argparse.Namespace):
+    """--tensor-type's rules in front of --recipe's (first match wins, so --tensor-type overrides)."""
+    from .recipe import Recipe, load_recipe
+
+    overrides = Recipe.from_tensor_types(args.tensor_type)
+    return overrides if args.recipe is None else overrides.then(load_recipe(args.recipe))
+
+
+def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool):
+    """--sensitivity; for an allocation without one, --text analysed on the fly; else None."""
     from .analyze import Sensitivity, analyze
+
+    if args.sensitivity:
+        return Sensitivity.load(args.sensitivity)
+    if not allocating:
+        return None
+    if not args.text:
+        raise MixquantError(f"{'/'.join(_TARGETS.values())} need --sensitivity FILE (from mixquant analyze) "
+                            "or --text CALIB.txt")
+    try:
+        return analyze(source, imatrix, text=args.text, threads=args.threads, progress=sys.stderr.isatty())
+    except MixquantError as exc:
+        raise MixquantError(f"analysing --text {args.text} on the fly: {exc}") from None
+
+
+def _allocated_plan(args: argparse.Namespace, source, sens):
+    """The plan that minimises predicted damage within --target-bpw/--target-size, or the smallest
+    one within --max-kld; --recipe and --tensor-type pin the tensors their rules give a type."""
+    from .allocate import allocate
     from .export import gguf_file_size
     from .plan import preset_plan
 
-    if args.sensitivity:
-        sens = Sensitivity.load(args.sensitivity)
-    elif args.text:
-        sens = analyze(source, imatrix, text=args.text, threads=args.threads, progress=sys.stderr.isatty())
-    else:
-        raise MixquantError("--target-bpw/--target-size need --sensitivity FILE (from mixquant analyze) or --text CALIB.txt")
     budget: dict = {}
     if args.target_bpw is not None:
         budget["bpw"] = args.target_bpw
+    elif args.max_kld is not None:
+        budget["max_damage"] = args.max_kld
     else:
         f32 = preset_plan(source.model, "F32")
         budget["file_bytes"] = _parse_size(args.target_size)
         budget["overhead"] = gguf_file_size(source, f32) - f32.total_bytes - 31 * len(f32.types)
-    result = allocate(sens, pinned=_pinned(source.model, args.tensor_type), **budget)
+    result = allocate(sens, pinned=_rules(args).pins(source.model), **budget)
     print(f"allocation: {result}", file=sys.stderr)
     return result.plan
 
 
+def _predicted(sens, plan) -> tuple[dict[str, float], str]:
+    """Each tensor's predicted damage, and "predicted KLD X" for their sum."""
+    from .allocate import plan_damage
+
+    damage = plan_damage(sens, plan)
+    known = [x for x in damage.values() if x == x]
+    # measure="none": nothing was run through the model, the damage is the weighted error, not a KLD
+    label = "predicted error" if sens.settings.get("measure") == "none" else "predicted KLD"
+    missing = f" (and {len(damage) - len(known)} tensors whose type was not analysed)" if len(known) < len(damage) else ""
+    return damage, f"{label} {sum(known):.5g}{missing}"
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     """llama-quantize's interface: SRC OUT.gguf TYPE, per-tensor plan from the preset and overrides;
-    or a size (--target-bpw/--target-size) and the plan that loses least within it."""
+    or a recipe's plan; or a size (--target-bpw/--target-size) and the plan that loses least within
+    it, or the smallest plan within a loss (--max-kld)."""
     from .export import gguf_file_size, write_gguf
     from .plan import preset_plan
     from .source import open_source
 
-    if (args.type is None) == (args.target_bpw is None and args.target_size is None):
-        raise MixquantError("give either a preset/type or one of --target-bpw/--target-size")
-    if args.target_bpw is not None and args.target_size is not None:
-        raise MixquantError("give only one of --target-bpw and --target-size")
+    targets = [flag for key, flag in _TARGETS.items() if getattr(args, key) is not None]
+    if len(targets) > 1:
+        raise MixquantError(f"give only one of {', '.join(targets)}")
+    if (args.type is None) == (not targets and args.recipe is None):
+        raise MixquantError(f"give either a preset/type, or --recipe and/or one of {'/'.join(_TARGETS.values())}")
+    if args.type is None and (args.pure or args.output_tensor_type or args.token_embedding_type
+                              or args.leave_output_tensor):
+        raise MixquantError("--pure, --output-tensor-type, --token-embedding-type and --leave-output-tensor go "
+                            "with a preset; with --recipe or a target, use --tensor-type")
+    if args.text and not targets:
+        raise MixquantError("--text is analysed on the fly for a target only; for a plan's predicted KLD give "
+                            "--sensitivity")
     imatrix = _read_imatrix_arg(args.imatrix)
     with open_source(args.src, allow_requantize=args.allow_requantize) as source:
-        if args.type is None:
-            plan = _allocated_plan(args, source, imatrix)
+        sens = _sensitivity(args, source, imatrix, allocating=bool(targets))
+        if targets:
+            plan = _allocated_plan(args, source, sens)
+        elif args.recipe is not None:
+            plan = _rules(args).plan(source.model)
         else:
             plan = preset_plan(source.model, args.type, pure=args.pure, output_type=args.output_tensor_type,
                                token_embedding_type=args.token_embedding_type, tensor_types=args.tensor_type,
                                has_imatrix=imatrix is not None, leave_output=args.leave_output_tensor)
-            if plan.requires_imatrix and imatrix is None:
-                print(f"warning: {len(plan.requires_imatrix)} tensors get types that are poor without an "
-                      "importance matrix (--imatrix)", file=sys.stderr)
+        if plan.requires_imatrix and imatrix is None:
+            print(f"warning: {len(plan.requires_imatrix)} tensors get types that are poor without an "
+                  "importance matrix (--imatrix)", file=sys.stderr)
+        damage, predicted = _predicted(sens, plan) if sens is not None else (None, "")
         if args.dry_run:
             size = gguf_file_size(source, plan, file_type=args.type)
-            print(plan.table())
-            print(f"output file: {size:,} bytes ({size / 2**20:.2f} MiB), {plan.bits_per_weight:.3f} bits per weight "
-                  "(dry run: nothing written)")
+            print(plan.table(damage))
+            print(f"output file: {size:,} bytes ({size / 2**20:.2f} MiB), {plan.bits_per_weight:.3f} bits per weight"
+                  f"{', ' + predicted if predicted else ''} (dry run: nothing written)")
             return 0
+        if predicted and not targets:  # an allocation has said it already
+            print(predicted, file=sys.stderr)
         importance = None if imatrix is None else imatrix.as_dict()
         result = write_gguf(source, plan, args.out, importance=importance, threads=args.threads,
                             progress=sys.stderr.isatty(), file_type=args.type)
@@ -278,11 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="Hugging Face folder or GGUF file")
     p.add_argument("out", help="output .gguf (written to a temporary name, renamed when complete)")
     p.add_argument("type", nargs="?", help="preset (Q4_K_M, Q5_K_S, ...) or a single type (Q8_0, ...); "
-                   "leave out with --target-bpw/--target-size")
+                   "leave out with --recipe, --target-bpw, --target-size or --max-kld")
+    p.add_argument("--recipe", metavar="NAME|FILE",
+                   help="per-tensor rules (shipped: classic, conservative, aggressive; or a YAML file, see "
+                        "mixquant/recipe.py): the plan instead of a preset; with a target, the types it pins")
     p.add_argument("--target-bpw", type=float, help="allocate types for this many bits per weight")
     p.add_argument("--target-size", help="allocate types for this file size (bytes, or 80MB, 76MiB ...)")
-    p.add_argument("--sensitivity", help="sensitivity.json from mixquant analyze (for --target-*)")
-    p.add_argument("--text", help="calibration text: analyse on the fly (for --target-* without --sensitivity)")
+    p.add_argument("--max-kld", type=float, metavar="X",
+                   help="allocate the smallest plan whose predicted KLD (summed over tensors) is at most X")
+    p.add_argument("--sensitivity", help="sensitivity.json from mixquant analyze: for the targets, and "
+                   "the predicted KLD of any plan (per tensor in --dry-run)")
+    p.add_argument("--text", help="calibration text: analyse on the fly (for a target without --sensitivity)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
     p.add_argument("--imatrix", help="importance matrix (llama-imatrix .gguf or legacy .dat)")

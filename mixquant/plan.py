@@ -747,16 +747,26 @@ class Plan:
     def type_counts(self) -> dict[str, int]:
         return dict(Counter(self.types.values()))
 
-    def table(self) -> str:
+    def table(self, damage: Mapping[str, float] | None = None) -> str:
+        """One line per tensor and a total. `damage` ({tensor: predicted damage, NaN when unknown},
+        e.g. `allocate.plan_damage`) adds a column of it, summed (known values) in the total."""
+
+        def cell(x: float | str) -> str:
+            if isinstance(x, float):
+                x = "n/a" if x != x else "0" if x == 0 else f"{x:.3e}"
+            return "" if damage is None else f"  {x:>9}"
+
         rows = [(n, "x".join(map(str, self._shape(n))), t, self.tensor_bytes(n)) for n, t in self.types.items()]
         w = max([len(r[0]) for r in rows] + [6])
         ws = max([len(r[1]) for r in rows] + [5])
-        lines = [f"{'tensor':<{w}}  {'shape':>{ws}}  {'type':<7}  {'bytes':>12}"]
+        known = {} if damage is None else dict(damage)
+        lines = [f"{'tensor':<{w}}  {'shape':>{ws}}  {'type':<7}  {'bytes':>12}{cell('damage')}"]
         for n, s, t, b in rows:
             note = f"  (wanted {self.fallbacks[n]})" if n in self.fallbacks else ""
-            lines.append(f"{n:<{w}}  {s:>{ws}}  {t:<7}  {b:>12,}{note}")
+            lines.append(f"{n:<{w}}  {s:>{ws}}  {t:<7}  {b:>12,}{cell(float(known.get(n, 'nan')))}{note}")
+        total = float(sum(x for x in known.values() if x == x))
         lines.append(
-            f"{'total':<{w}}  {'':>{ws}}  {'':<7}  {self.total_bytes:>12,}"
+            f"{'total':<{w}}  {'':>{ws}}  {'':<7}  {self.total_bytes:>12,}{cell(total)}"
             f"  ({self.bits_per_weight:.2f} bits per weight, {len(self.fallbacks)} fallbacks)"
         )
         return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Allocation (mixquant.allocate) and sensitivity analysis (mixquant.analyze).
 
-The knapsack is checked against brute force on small random instances; the sensitivity file
-against its schema; the incremental KLD runner against a plain transformers forward pass on a
-tiny random llama; and (slow) a small analysis of the real test model.
+The knapsack is checked against brute force on small random instances; the incremental KLD
+runner against a plain transformers forward pass on a tiny random llama; and (slow) a small
+analysis of the real test model. The sensitivity file's schema: tests/test_analyze.py.
 """
 
 import itertools
@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import make_tiny_llama, random_text
 
-from mixquant.allocate import DEFAULT_MIN_TYPES, allocate, budget_bytes, solve
-from mixquant.analyze import SCHEMA, Sensitivity, TensorSensitivity, TypeCost, analyze, candidate_types, predicted_error
+from mixquant.allocate import DEFAULT_MIN_TYPES, allocate, budget_bytes, plan_damage, solve, solve_min_bytes
+from mixquant.analyze import Sensitivity, TensorSensitivity, TypeCost, analyze, candidate_types, predicted_error
 from mixquant.errors import MixquantError
 from mixquant.plan import tensor_bytes
 
@@ -137,6 +137,41 @@ def test_infeasible_budget_names_the_smallest_size():
     assert solve(groups, 15).choice == [0, 0]
 
 
+def _brute_min_bytes(groups, max_damage):
+    """(fewest bytes, their least damage) over the choices with damage <= max_damage."""
+    best = (math.inf, math.inf)
+    for ks in itertools.product(*[range(len(g)) for g in groups]):
+        d = sum(g[k][1] for g, k in zip(groups, ks))
+        if d <= max_damage:
+            best = min(best, (sum(g[k][0] for g, k in zip(groups, ks)), d))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_min_bytes_for_a_damage_bound_matches_brute_force(seed):
+    rng = np.random.default_rng(200 + seed)
+    groups = _instance(rng, int(rng.integers(1, 6)), 5, scale=int(rng.choice([1, 7, 6912])))
+    floor = sum(min(o[1] for o in g) for g in groups)
+    ceiling = sum(max(o[1] for o in g) for g in groups)
+    for bound in [floor, ceiling, *rng.uniform(floor, ceiling, 4).tolist()]:
+        nbytes, _ = _brute_min_bytes(groups, bound)
+        sol = solve_min_bytes(groups, bound)
+        assert sol.bytes == nbytes and sol.damage <= bound
+        assert sum(g[k][0] for g, k in zip(groups, sol.choice)) == sol.bytes
+        assert sum(g[k][1] for g, k in zip(groups, sol.choice)) == pytest.approx(sol.damage)
+
+
+def test_unreachable_damage_bound_names_the_least_damage():
+    groups = [[(10, 1.0), (20, 0.25)], [(5, 0.5)]]
+    with pytest.raises(MixquantError, match=r"no plan has a predicted damage of 0.5 or less: the smallest these "
+                                            r"constraints allow is 0.75"):
+        solve_min_bytes(groups, 0.5)
+    assert solve_min_bytes(groups, 0.75).choice == [1, 0]
+    assert solve_min_bytes(groups, 10).choice == [0, 0]
+    with pytest.raises(MixquantError, match="non-negative"):
+        solve_min_bytes(groups, float("nan"))
+
+
 # --------------------------------------------------------------------------------------------
 # allocation over a sensitivity
 
@@ -239,37 +274,41 @@ def test_more_budget_never_hurts_the_allocation():
         previous = alloc.damage
 
 
+def test_max_damage_allocation_is_the_smallest_plan_within_the_bound():
+    sens = _synthetic_sensitivity(seed=4)
+    middle = allocate(sens, bpw=6.0)
+    alloc = allocate(sens, max_damage=middle.damage)
+    assert alloc.damage <= middle.damage and alloc.bytes <= middle.bytes
+    assert alloc.budget == alloc.bytes == alloc.plan.total_bytes and "the least for damage <=" in str(alloc)
+    # one byte less and the best plan does more damage
+    assert allocate(sens, max_bytes=alloc.bytes - 1).damage > middle.damage
+    assert sum(plan_damage(sens, alloc.plan).values()) == pytest.approx(alloc.damage)
+    pinned = {n: "Q4_0" for n in sens.names if not sens[n].fixed}
+    least = sum(sens.damage(n, "Q4_0") for n in pinned)
+    with pytest.raises(MixquantError, match=f"the smallest these constraints allow is {least:.5g}"):
+        allocate(sens, max_damage=least / 2, pinned=pinned)
+    with pytest.raises(MixquantError, match="not both"):
+        allocate(sens, max_damage=1.0, bpw=5)
+
+
+def test_plan_damage_of_any_plan():
+    from mixquant.plan import Plan
+
+    sens = _synthetic_sensitivity()
+    types = {n: ("F32" if sens[n].fixed else "Q8_0") for n in sens.names}
+    damage = plan_damage(sens, Plan(types=types, shapes=sens.shapes))
+    assert damage["output_norm.weight"] == 0.0
+    assert damage["blk.0.attn_q.weight"] == sens.damage("blk.0.attn_q.weight", "Q8_0")
+    types["blk.0.attn_q.weight"] = "Q2_K"  # 64 columns: never analysed
+    assert math.isnan(plan_damage(sens, Plan(types=types, shapes=sens.shapes))["blk.0.attn_q.weight"])
+    with pytest.raises(MixquantError, match="another model"):
+        plan_damage(sens, Plan(types={"blk.9.attn_q.weight": "Q8_0"}, shapes={"blk.9.attn_q.weight": (64, 64)}))
+    with pytest.raises(MixquantError, match="has shape"):
+        plan_damage(sens, Plan(types={"blk.0.attn_q.weight": "Q8_0"}, shapes={"blk.0.attn_q.weight": (64, 128)}))
+
+
 # --------------------------------------------------------------------------------------------
-# the sensitivity file
-
-
-def test_sensitivity_round_trip(tmp_path):
-    sens = _synthetic_sensitivity()
-    sens.settings = {"windows": 2, "ctx": 256}
-    path = sens.save(tmp_path / "sensitivity.json")
-    data = json.loads(path.read_text())
-    assert data["schema"] == SCHEMA == "mixquant.sensitivity/1"
-    back = Sensitivity.load(path)
-    assert back.to_dict() == sens.to_dict()
-    for name in sens.names:
-        for t in sens[name].types:
-            assert back.damage(name, t) == sens.damage(name, t)
-
-
-def test_sensitivity_schema_is_checked(tmp_path):
-    sens = _synthetic_sensitivity()
-    data = sens.to_dict()
-    data["schema"] = "mixquant.sensitivity/2"
-    p = tmp_path / "future.json"
-    p.write_text(json.dumps(data))
-    with pytest.raises(MixquantError, match="schema 'mixquant.sensitivity/2' is not supported"):
-        Sensitivity.load(p)
-    p.write_text(json.dumps({"schema": SCHEMA, "tensors": {"a": {"shape": [2, 32]}}}))
-    with pytest.raises(MixquantError, match="malformed"):
-        Sensitivity.load(p)
-    p.write_text("not json")
-    with pytest.raises(MixquantError, match="not JSON"):
-        Sensitivity.load(p)
+# the damage model
 
 
 def test_damage_uses_measured_then_fitted_then_category_scale():
