@@ -197,6 +197,17 @@ def test_schema_2_round_trip(tmp_path):
     assert back.damage("blk.0.attn_q.weight", "Q4_0") == sens.damage("blk.0.attn_q.weight", "Q4_0")
 
 
+def test_fitted_damage_scales_fisher_when_every_pair_has_it():
+    sens = _synthetic()  # attn_q measured at Q8_0 only: 2e-5 = (4/3) x its Fisher 1.5e-5
+    assert sens.basis == "fisher"
+    assert sens.damage("blk.0.attn_q.weight", "Q4_0") == pytest.approx(3e-3 * 4 / 3)
+    sens.tensors["blk.0.attn_q.weight"].types["Q4_0"].fisher = None  # one pair without: predicted error
+    sens._basis = None
+    sens.fit()
+    assert sens.basis == "predicted"
+    assert sens.damage("blk.0.attn_q.weight", "Q4_0") == pytest.approx(1e-2 * 0.2)
+
+
 def test_schema_1_still_loads_and_others_are_rejected(tmp_path):
     data = _synthetic().to_dict()
     data["schema"] = "mixquant.sensitivity/1"
