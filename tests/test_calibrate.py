@@ -1,15 +1,19 @@
-"""The importance matrix (mixquant.calibrate) and the token windows (mixquant.text).
+"""The importance matrix and the activation statistics (mixquant.calibrate), and the token windows
+(mixquant.text).
 
 Fast tests: file formats (round trips, layouts, bad files), importance semantics, which tokens
-llama-imatrix collects, window cutting. Slow tests use the real test model and llama.cpp's own
-tools as the referee: llama-imatrix's files read and rewritten byte for byte, ours accepted by
-llama-quantize with exactly the quant_weights we say, our imatrix agreeing with llama-imatrix's,
-and our tokenization equal to llama.cpp's.
+llama-imatrix collects, window cutting; weight and activation statistics against numpy on
+synthetic arrays and on a tiny llama's activations captured by the tests' own hooks. Slow tests
+use the real test model and llama.cpp's own tools as the referee: llama-imatrix's files read and
+rewritten byte for byte, ours accepted by llama-quantize with exactly the quant_weights we say,
+our imatrix agreeing with llama-imatrix's, and our tokenization equal to llama.cpp's.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import json
 import re
 import struct
 import subprocess
@@ -18,13 +22,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_llama, random_text
 
 from mixquant.calibrate import (
+    ACTIVATIONS_SCHEMA,
     LEGACY_CHUNK_SIZE,
+    ActivationStats,
     Imatrix,
+    StreamingStats,
+    calibrate,
     compute_imatrix,
     imatrix_token_mask,
+    input_of,
     read_imatrix,
+    weight_distribution,
     write_imatrix,
 )
 from mixquant.errors import MixquantError
@@ -562,3 +573,255 @@ def test_tokenization_matches_llama_cpp(smol, f32_gguf, tmp_path):
         if windows is not None:
             assert windows.reshape(-1).tolist() == theirs[: windows.numel()]
             assert windows.shape[0] == len(theirs) // ctx
+
+
+# --------------------------------------------------------------------------------------------
+# fast: activation and weight statistics (synthetic arrays and a tiny llama)
+
+
+def _moments(x: np.ndarray) -> tuple[float, float, float]:
+    """numpy's mean, std and Pearson kurtosis of all values, in float64."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    mean, std = x.mean(), x.std()
+    return mean, std, float(np.mean((x - mean) ** 4) / std**4)
+
+
+def _histogram(x: np.ndarray, edges: list[float]) -> np.ndarray:
+    """Counts below, in each [edge, next edge) and at or above the last edge."""
+    x, edges = np.asarray(x, dtype=np.float64).ravel(), np.asarray(edges)
+    inner = np.histogram(x, edges)[0]
+    inner[-1] -= np.sum(x == edges[-1])  # np.histogram's last bin includes its right edge
+    return np.concatenate([[np.sum(x < edges[0])], inner, [np.sum(x >= edges[-1])]])
+
+
+def test_weight_distribution_matches_numpy():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_t(4, (300, 96)) * 0.02).astype(np.float32)
+    w[7, 3] = 0.9
+    d = weight_distribution(w)
+    mean, std, kurtosis = _moments(w)
+    assert d.count == w.size and d.absmax == np.float32(0.9) == np.abs(w).max()
+    assert d.mean == pytest.approx(mean, abs=1e-7 * std)
+    assert d.std == pytest.approx(std, rel=1e-6) and d.kurtosis == pytest.approx(kurtosis, rel=1e-5)
+    assert 0 < d.outlier_fraction == np.mean(np.abs(w.astype(np.float64) - mean) > 6 * std)
+    np.testing.assert_allclose(d.hist_edges, np.linspace(mean - 8 * std, mean + 8 * std, 65), atol=1e-6 * std)
+    assert len(d.hist_counts) == 66 and sum(d.hist_counts) == w.size
+    assert np.abs(np.array(d.hist_counts) - _histogram(w, d.hist_edges)).sum() <= 2  # bins found in float32
+    # any shape; constant values: std 0, kurtosis 0 (undefined), no outliers
+    assert weight_distribution(w.ravel()).kurtosis == pytest.approx(kurtosis, rel=1e-5)
+    flat = weight_distribution(np.full(10, -2.0))
+    assert (flat.mean, flat.std, flat.kurtosis, flat.outlier_fraction, flat.absmax) == (-2.0, 0.0, 0.0, 0.0, 2.0)
+
+
+def test_kurtosis_and_histogram_of_known_distributions():
+    rng = np.random.default_rng(1)
+    gauss = weight_distribution(rng.standard_normal((1000, 1000)).astype(np.float32))
+    assert gauss.kurtosis == pytest.approx(3.0, abs=0.02) and gauss.outlier_fraction < 1e-5
+    within_1_std = sum(gauss.hist_counts[1 + 28 : 1 + 36]) / gauss.count  # 0.25-std bins
+    assert within_1_std == pytest.approx(0.6827, abs=0.002)
+    assert weight_distribution(rng.uniform(-1, 1, (1000, 200))).kurtosis == pytest.approx(1.8, abs=0.01)
+
+
+def test_streaming_stats_match_numpy_on_the_whole_stream():
+    rng = np.random.default_rng(2)
+    chunks = [(rng.standard_normal((rows, 48)) * scale + shift).astype(np.float32)
+              for rows, scale, shift in [(50, 1.0, 0.5), (130, 2.0, 0.0), (300, 0.5, -1.0), (7, 10.0, 3.0)]]
+    stats = StreamingStats()
+    for chunk in chunks:
+        stats.add(chunk)
+    st = stats.activation_stat()
+    x = np.concatenate(chunks)
+    d, (mean, std, kurtosis) = st.dist, _moments(x)
+    assert (st.n_tokens, st.n_channels, d.count, d.absmax) == (487, 48, x.size, np.abs(x).max())
+    assert d.mean == pytest.approx(mean, abs=1e-7 * std)
+    assert d.std == pytest.approx(std, rel=1e-6) and d.kurtosis == pytest.approx(kurtosis, rel=1e-5)
+    absmax = np.abs(x).max(axis=0)
+    assert [c.channel for c in st.top_channels] == np.argsort(-absmax, kind="stable")[:8].tolist()
+    assert [c.absmax for c in st.top_channels] == sorted(absmax.tolist(), reverse=True)[:8]
+    assert st.dynamic_range == pytest.approx(absmax.max() / np.median(absmax))
+    # the outlier test and the histogram's edges are the first chunk's; the rest spills over
+    mean0, std0 = chunks[0].astype(np.float64).mean(), chunks[0].astype(np.float64).std()
+    assert d.hist_edges[0] == pytest.approx(mean0 - 8 * std0) and d.hist_edges[-1] == pytest.approx(mean0 + 8 * std0)
+    assert d.outlier_fraction == np.mean(np.abs(x - mean0) > 6 * std0) > 0
+    expected = _histogram(x, d.hist_edges)
+    assert d.hist_counts[0] == expected[0] > 0 and d.hist_counts[-1] == expected[-1] > 0
+    assert np.abs(np.array(d.hist_counts) - expected).sum() <= 2
+
+
+def test_an_outlier_channel_is_found_with_its_fire_rate():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2000, 64)).astype(np.float32)
+    fires = rng.random(2000) < 0.1
+    x[fires, 17] = 40.0  # 6 std of the whole input is about 11
+    stats = StreamingStats()
+    for part in np.array_split(x, 5):
+        stats.add(part)
+    st = stats.activation_stat()
+    top = st.top_channels[0]
+    assert (top.channel, top.absmax, top.fire_rate) == (17, 40.0, fires.mean())
+    assert len(st.top_channels) == 8 and all(c.fire_rate == 0 for c in st.top_channels[1:])
+    assert st.dynamic_range == pytest.approx(40.0 / np.median(np.abs(x).max(axis=0)))
+    assert st.dist.outlier_fraction == fires.sum() / x.size
+
+
+def test_non_finite_values_are_an_error():
+    x = np.ones((4, 8), dtype=np.float32)
+    x[2, 3] = np.inf
+    stats = StreamingStats("blk.0.attn_in")
+    stats.add(np.ones((4, 8), dtype=np.float32))
+    with pytest.raises(MixquantError, match="blk.0.attn_in: non-finite values"):
+        stats.add(x)
+    x[2, 3] = np.nan
+    with pytest.raises(MixquantError, match="non-finite"):
+        weight_distribution(x)
+
+
+def test_input_of():
+    kinds = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    assert [input_of(f"blk.12.{k}.weight") for k in kinds] == (
+        ["blk.12.attn_in"] * 3 + ["blk.12.attn_output_in"] + ["blk.12.ffn_in"] * 2 + ["blk.12.ffn_down_in"])
+    assert input_of("output.weight") == "output_in" == input_of("token_embd.weight", tied_output=True)
+    for name in ("token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.bias"):
+        assert input_of(name) is None
+
+
+TINY_CTX, TINY_CHUNKS = 34, 3
+# 4 windows per batch, micro-batches of 16 tokens from each of the 3: the last 2 tokens of every
+# window fall in a 6-token micro-batch that llama-imatrix does not collect
+TINY_BATCH = {"n_batch": 136, "n_ubatch": 48}
+
+
+def _tiny_calibrate(folder: Path, text: str, **kw):
+    # kv_f16=False: the plain model the tests run themselves gives the same activations
+    return calibrate(folder, text, TINY_CTX, TINY_CHUNKS, progress=False, kv_f16=False, **TINY_BATCH, **kw)
+
+
+def _captured_activations(folder: Path, text: str) -> dict[str, np.ndarray]:
+    """(tokens, channels) of every input the statistics cover, captured with our own hooks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    windows = token_windows(AutoTokenizer.from_pretrained(folder), text, TINY_CTX, TINY_CHUNKS)
+    seen: dict[str, list[np.ndarray]] = {}
+
+    def keep(key: str):
+        def hook(_module, args, out=None):  # a pre-hook keeps the input, a forward hook the output
+            x = args[0] if out is None else out
+            seen.setdefault(key, []).append(x.reshape(-1, x.shape[-1]).numpy().copy())
+        return hook
+
+    hooks = [model.lm_head.register_forward_pre_hook(keep("output_in"))]
+    for i, layer in enumerate(model.model.layers):
+        hooks += [layer.self_attn.q_proj.register_forward_pre_hook(keep(f"blk.{i}.attn_in")),
+                  layer.self_attn.o_proj.register_forward_pre_hook(keep(f"blk.{i}.attn_output_in")),
+                  layer.mlp.gate_proj.register_forward_pre_hook(keep(f"blk.{i}.ffn_in")),
+                  layer.mlp.down_proj.register_forward_pre_hook(keep(f"blk.{i}.ffn_down_in")),
+                  layer.register_forward_hook(keep(f"blk.{i}.residual"))]
+    with torch.inference_mode():
+        for window in windows:
+            model(input_ids=window[None])
+    for h in hooks:
+        h.remove()
+    return {key: np.concatenate(parts) for key, parts in seen.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_cal(tmp_path_factory) -> dict:
+    """A tied tiny llama and an untied one, calibrated; the tied one's activations captured."""
+    root = tmp_path_factory.mktemp("tiny_calibrate")
+    text = random_text(300, 1)
+    tied, untied = (make_tiny_llama(root / name, vocab_size=300, intermediate_size=96, tie_word_embeddings=t)
+                    for name, t in (("tied", True), ("untied", False)))
+    return {"text": text, "tied": tied, "untied": untied,
+            "cal": _tiny_calibrate(tied, text, output_importance=True),
+            "acts": _captured_activations(tied, text)}
+
+
+def test_activation_statistics_of_every_input(tiny_cal):
+    cal, acts = tiny_cal["cal"], tiny_cal["acts"]
+    stats = cal.activations
+    per_block = ("attn_in", "attn_output_in", "ffn_in", "ffn_down_in", "residual")
+    assert list(stats.stats) == [f"blk.{i}.{k}" for i in range(2) for k in per_block] + ["output_in"]
+    assert (stats.chunks, stats.ctx, stats.tokens) == (TINY_CHUNKS, TINY_CTX, TINY_CHUNKS * TINY_CTX)
+    assert {input_of(n) for n in cal.imatrix.names if n.startswith("blk.")} == {
+        k for k in stats.stats if k != "output_in" and not k.endswith(".residual")}
+    # every token counts, though the imatrix leaves out the last 2 of each window
+    assert cal.imatrix.counts["blk.0.attn_q.weight"] == TINY_CHUNKS * (TINY_CTX - 2)
+    for key, x in acts.items():
+        st, (mean, std, kurtosis) = stats.stats[key], _moments(x)
+        d = st.dist
+        assert (st.n_tokens, st.n_channels, d.count) == (*x.shape, x.size), key
+        assert d.absmax == np.abs(x).max(), key
+        assert d.mean == pytest.approx(mean, abs=1e-6 * std), key
+        assert d.std == pytest.approx(std, rel=1e-6) and d.kurtosis == pytest.approx(kurtosis, rel=1e-5), key
+        absmax = np.abs(x).max(axis=0)
+        assert [c.channel for c in st.top_channels] == np.argsort(-absmax, kind="stable")[:8].tolist(), key
+
+
+def test_calibrate_imatrix_is_compute_imatrix(tiny_cal, tmp_path):
+    folder, text = tiny_cal["tied"], tiny_cal["text"]
+    kw = {"progress": False, "kv_f16": False, "dataset": "calib.txt", **TINY_BATCH}
+    im = compute_imatrix(folder, text, TINY_CTX, TINY_CHUNKS, **kw)
+    cal = calibrate(folder, text, TINY_CTX, TINY_CHUNKS, **kw)
+    assert cal.activations is not None and "token_embd.weight" not in cal.imatrix
+    assert (write_imatrix(cal.imatrix, tmp_path / "a.gguf").read_bytes()
+            == write_imatrix(im, tmp_path / "b.gguf").read_bytes())
+    assert calibrate(folder, text, TINY_CTX, TINY_CHUNKS, activations=False, **kw).activations is None
+    # with output_importance, the other entries are the same
+    extra = tiny_cal["cal"].imatrix
+    assert set(extra.names) == set(im.names) | {"token_embd.weight"}
+    assert all(extra.sums[n].tobytes() == im.sums[n].tobytes() and extra.counts[n] == im.counts[n] for n in im.names)
+
+
+def test_output_importance_of_a_tied_output(tiny_cal):
+    imatrix, x = tiny_cal["cal"].imatrix, tiny_cal["acts"]["output_in"]
+    mask = imatrix_token_mask(TINY_CHUNKS, TINY_CTX, **TINY_BATCH).reshape(-1)
+    assert imatrix.counts["token_embd.weight"] == mask.sum()
+    mean_square = np.mean(x[mask].astype(np.float64) ** 2, axis=0)
+    np.testing.assert_allclose(imatrix.importance("token_embd.weight"), mean_square, rtol=1e-5)
+    # llama-imatrix never collects a tied output, not even with --process-output
+    plain = _tiny_calibrate(tiny_cal["tied"], tiny_cal["text"], process_output=True, activations=False).imatrix
+    assert "token_embd.weight" not in plain and "output.weight" not in plain
+
+
+def test_output_importance_of_an_untied_output_is_process_output(tiny_cal, tmp_path):
+    folder, text = tiny_cal["untied"], tiny_cal["text"]
+    ours = _tiny_calibrate(folder, text, output_importance=True, activations=False).imatrix
+    theirs = _tiny_calibrate(folder, text, process_output=True, activations=False).imatrix
+    assert "token_embd.weight" not in ours and "output.weight" in theirs
+    assert (write_imatrix(ours, tmp_path / "a.gguf").read_bytes()
+            == write_imatrix(theirs, tmp_path / "b.gguf").read_bytes())
+
+
+def test_activation_stats_round_trip(tiny_cal, tmp_path):
+    stats = tiny_cal["cal"].activations
+    path = stats.save(tmp_path / "activations.json")
+    assert json.loads(path.read_text())["schema"] == ACTIVATIONS_SCHEMA == "mixquant.activations/1"
+    assert ActivationStats.load(path) == stats
+    assert [p.name for p in tmp_path.iterdir()] == ["activations.json"]  # no temporary file left
+    with pytest.raises(MixquantError, match="output folder does not exist"):
+        stats.save(tmp_path / "nowhere" / "activations.json")
+
+
+def test_activation_stats_bad_files(tiny_cal, tmp_path):
+    good = tiny_cal["cal"].activations.to_dict()
+    text = json.dumps(good)
+    bad_hist = copy.deepcopy(good)
+    bad_hist["stats"]["blk.0.attn_in"]["dist"]["hist_counts"] = [1, 2]
+    cases = {
+        "missing.json": (None, "cannot read"),
+        "truncated.json": (text[: len(text) // 2], "not JSON"),
+        "empty.json": ("", "not JSON"),
+        "sensitivity.json": (json.dumps({**good, "schema": "mixquant.sensitivity/1"}),
+                             "schema 'mixquant.sensitivity/1' is not supported"),
+        "list.json": ("[1, 2]", "not an activation statistics file"),
+        "missing_field.json": (json.dumps({**good, "stats": {"blk.0.attn_in": {"n_tokens": 3}}}), "malformed"),
+        "bad_hist.json": (json.dumps(bad_hist), "malformed .*2 histogram counts for 65 edges"),
+    }
+    for name, (data, match) in cases.items():
+        path = tmp_path / name
+        if data is not None:
+            path.write_text(data)
+        with pytest.raises(MixquantError, match=match) as info:
+            ActivationStats.load(path)
+        assert "\n" not in str(info.value) and str(path) in str(info.value), name
