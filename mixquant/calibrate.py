@@ -44,7 +44,6 @@ summarised by a `Distribution`, the same summary `weight_distribution` gives for
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -58,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MixquantError
-from .text import read_bytes
+from .text import read_bytes, read_json, write_json
 
 __all__ = [
     "ACTIVATIONS_SCHEMA",
@@ -418,27 +417,11 @@ class ActivationStats:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as JSON (atomically: a temporary file renamed into place)."""
-        path = Path(path).expanduser()
-        if not path.parent.is_dir():
-            raise MixquantError(f"{path.parent}: output folder does not exist")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise MixquantError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ActivationStats:
-        path = Path(path).expanduser()
-        raw = read_bytes(path)
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise MixquantError(f"{path}: not JSON: {exc}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path), str(Path(path).expanduser()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,7 +505,7 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .source import open_source
+    from .source import open_source, quiet_transformers
     from .text import token_windows
 
     hf_folder = Path(hf_folder)
@@ -545,7 +528,9 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
 
     try:
         extra = {"attn_implementation": _f16_kv_attention()} if kv_f16 else {}
-        model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, local_files_only=True, **extra)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, local_files_only=True,
+                                                         **extra)
     except Exception as exc:  # noqa: BLE001
         raise MixquantError(f"{hf_folder}: transformers cannot load the model: {exc}") from None
     model.eval()

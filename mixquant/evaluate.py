@@ -65,6 +65,7 @@ import numpy as np
 
 from .cache import cache_dir
 from .errors import MixquantError
+from .source import quiet_transformers
 
 __all__ = [
     "EvalResult",
@@ -191,29 +192,6 @@ def _percentile(values: np.ndarray, fraction: float) -> float:
         return float("nan")
     return float(np.percentile(values, 100.0 * fraction, method="linear"))
 
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' loading chatter (progress bars, notices) while loading a checkpoint."""
-    try:
-        from transformers.utils import logging as tlog
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    level = tlog.get_verbosity()
-    tlog.set_verbosity_error()
-    try:
-        tlog.disable_progress_bar()
-    except AttributeError:  # pragma: no cover
-        pass
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
-        try:
-            tlog.enable_progress_bar()
-        except AttributeError:  # pragma: no cover
-            pass
 
 
 def _encode(logp) -> tuple[np.ndarray, np.ndarray]:
@@ -403,7 +381,7 @@ class Evaluator:
         from .text import adds_bos, read_text, token_windows
 
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - tokenizer libraries raise anything
             raise MixquantError(f"{self.folder}: cannot load the tokenizer: {exc}") from None
@@ -425,7 +403,7 @@ class Evaluator:
             from transformers import AutoModelForCausalLM
 
             try:
-                with _quiet_transformers():
+                with quiet_transformers():
                     model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32,
                                                                  local_files_only=True)
             except Exception as exc:  # noqa: BLE001

@@ -18,11 +18,12 @@ import math
 import mmap
 import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import gguf
 import numpy as np
@@ -63,6 +64,8 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 
 # Text convert_hf_to_gguf.py tokenizes to recognise a BPE pre-tokenizer, and the hashes it knows
 # (llama.cpp 0c1e570, get_vocab_base_pre); the name goes into tokenizer.ggml.pre.
+# Two hashes appear twice, as in llama.cpp's chain of plain `if`s where the last match wins; so does
+# the later key of this dict literal.
 _CHKTXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
 _BPE_PRE: dict[str, str] = {
     "b6e8e1518dc4305be2fe39c313ed643381c4da5db34a98f6a04c093f8afbe99b": "chatglm-bpe",
@@ -959,3 +962,18 @@ def open_source(path: str | Path, allow_requantize: bool = False) -> Source:
     if path.name in ("config.json", "model.safetensors.index.json") or path.suffix == ".safetensors":
         return HFSource(path.parent)
     raise MixquantError(f"{path}: neither a GGUF file nor a Hugging Face model folder")
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' loading chatter (progress bars, notices) off while loading a checkpoint."""
+    from transformers.utils import logging as tlog
+
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        tlog.enable_progress_bar()

@@ -20,11 +20,14 @@ window is an independent sequence of length `n_ctx`.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 from .errors import MixquantError
 
-__all__ = ["read_text", "adds_bos", "tokenize", "token_windows"]
+__all__ = ["read_text", "read_json", "write_json", "adds_bos", "tokenize", "token_windows"]
 
 
 def read_bytes(path: str | Path) -> bytes:
@@ -33,6 +36,30 @@ def read_bytes(path: str | Path) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise MixquantError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file (the analysis files); unreadable or not JSON is a one-line MixquantError."""
+    path = Path(path).expanduser()
+    try:
+        return json.loads(read_bytes(path))
+    except ValueError as exc:
+        raise MixquantError(f"{path}: not JSON: {exc}") from None
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write `data` as JSON atomically: a temporary file renamed into place, never half a file."""
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise MixquantError(f"{path.parent}: output folder does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MixquantError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    return path
 
 
 def read_text(path: str | Path) -> str:
