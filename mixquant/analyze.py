@@ -98,7 +98,9 @@ The file (`Sensitivity.save`, schema "mixquant.sensitivity/2"), JSON:
                        "predicted": 1.5e-3,    # normalised importance-weighted squared error
                        "measured": 2.0e-5 | null,   # KLD nats/token, null when not measured
                        "fisher": 1.8e-5 | null}     # Fisher estimate, null when not computed
-          }
+          },
+          "weights": {"count", "absmax", "mean", "std", "kurtosis", "outlier_fraction",
+                      "hist_edges", "hist_counts"} | null   # calibrate.Distribution of its values
         }, ...
       },
       "layer_sweep": [                         # empty when not run
@@ -115,19 +117,18 @@ a new name. Files of "mixquant.sensitivity/1" (the same without "fisher", "refer
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
+from .calibrate import Distribution, weight_distribution
 from .errors import MixquantError
 
 __all__ = [
@@ -187,6 +188,7 @@ class TensorSensitivity:
     types: dict[str, TypeCost]
     fixed: bool = False
     scale: float | None = None
+    weights: Distribution | None = None  # the statistics of its values (quantizable tensors)
 
     @property
     def n_elements(self) -> int:
@@ -453,6 +455,7 @@ class Sensitivity:
                     "types": {typ: {"bytes": c.bytes, "predicted": c.predicted, "measured": c.measured,
                                     "fisher": c.fisher}
                               for typ, c in t.types.items()},
+                    "weights": None if t.weights is None else asdict(t.weights),
                 }
                 for n, t in self.tensors.items()
             },
@@ -478,7 +481,8 @@ class Sensitivity:
                 scale = t.get("scale")
                 tensors[str(name)] = TensorSensitivity(
                     name=str(name), shape=tuple(int(s) for s in t["shape"]), types=types,
-                    fixed=bool(t.get("fixed", False)), scale=None if scale is None else float(scale))
+                    fixed=bool(t.get("fixed", False)), scale=None if scale is None else float(scale),
+                    weights=None if t.get("weights") is None else Distribution.from_dict(t["weights"]))
                 if not types:
                     raise ValueError(f"tensor {name} has no types")
             factors = {str(c): {str(t): float(v) for t, v in f.items()}
@@ -496,24 +500,15 @@ class Sensitivity:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as JSON (atomically: a temporary file renamed into place)."""
-        path = Path(path).expanduser()
-        if not path.parent.is_dir():
-            raise MixquantError(f"{path.parent}: output folder does not exist")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-        return path
+        from .text import write_json
+
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Sensitivity":
-        path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise MixquantError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise MixquantError(f"{path}: not JSON: {exc}") from None
-        return cls.from_dict(data, str(path))
+        from .text import read_json
+
+        return cls.from_dict(read_json(path), str(Path(path).expanduser()))
 
     def table(self, types: Iterable[str] | None = None, how: str = "auto") -> str:
         """One line per quantizable tensor: its scale and damage per type (for reading)."""
@@ -1026,7 +1021,7 @@ def analyze(
                         bar.update(4)
                     costs[typ] = cost
                     del q
-                out[name] = TensorSensitivity(name=name, shape=t.shape, types=costs)
+                out[name] = TensorSensitivity(name=name, shape=t.shape, types=costs, weights=weight_distribution(w))
         finally:
             bar.close()
         del fisher_diag
@@ -1053,7 +1048,7 @@ def analyze(
     sens = Sensitivity(
         tensors=out,
         model={"arch": info.arch, "n_layer": info.n_layer, "n_elements": sum(t.n_elements for t in info.tensors),
-               "n_tensors": len(info.tensors), "source": str(src.path)},
+               "n_tensors": len(info.tensors), "tied_output": bool(info.tied_output), "source": str(src.path)},
         settings=settings,
         reference=reference,
         layer_sweep=sweep,
@@ -1119,25 +1114,12 @@ def _imatrix_note(imatrix: Any) -> Any:
     return {"tensors": len(imatrix)}
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' loading chatter (progress bars, notices) off while loading a checkpoint."""
-    from transformers.utils import logging as tlog
-
-    level = tlog.get_verbosity()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
-        tlog.enable_progress_bar()
-
 
 def _setup_measurer(src, info, text, windows, n_windows, ctx, score_from, settings) -> _Measurer:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .source import quiet_transformers
     from .text import read_text
 
     folder = getattr(src, "hf_folder", None)
@@ -1149,7 +1131,7 @@ def _setup_measurer(src, info, text, windows, n_windows, ctx, score_from, settin
         if text is None:
             raise MixquantError("measuring damage needs the calibration text (text=...) or token windows")
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - tokenizer libraries raise anything
             raise MixquantError(f"{folder}: cannot load the tokenizer: {exc}") from None
@@ -1163,7 +1145,7 @@ def _setup_measurer(src, info, text, windows, n_windows, ctx, score_from, settin
     if not 0 <= first < t - 1:
         raise MixquantError(f"score_from must be in [0, {t - 2}], got {first}")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise MixquantError(f"{folder}: transformers cannot load the model: {exc}") from None

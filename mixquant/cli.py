@@ -179,30 +179,58 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    """imatrix + per-tensor, per-type sensitivity, for the allocator."""
-    from .analyze import analyze
-    from .calibrate import compute_imatrix, write_imatrix
+    """calibrate -> sensitivity -> report, each stage timed."""
+    from . import formats
+    from .analyze import DEFAULT_SWEEP_TYPES, analyze
+    from .calibrate import calibrate, write_imatrix
+    from .report import write_report
     from .source import open_source
     from .text import read_text
 
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     text = Path(args.text)
     if not text.is_file():
         raise MixquantError(f"{text}: no such text file")
+    # types are checked before the long stages start
+    types = [formats.get(t).name for t in args.types.split(",")] if args.types else None
+    sweep = DEFAULT_SWEEP_TYPES if args.sweep_types is None else [
+        formats.get(t).name for t in args.sweep_types.split(",") if t]
+    progress = sys.stderr.isatty()
+    timings: dict[str, float] = {}
     with open_source(args.src) as source:
         if source.hf_folder is None:
             raise MixquantError(f"{args.src}: analyze needs a Hugging Face folder (it runs the model in PyTorch)")
+        out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        imatrix = compute_imatrix(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks,
-                                  progress=sys.stderr.isatty(), dataset=str(text))
-        write_imatrix(imatrix, out / "imatrix.gguf")
-        print(f"imatrix: {out / 'imatrix.gguf'} ({imatrix.chunks} chunks, {time.perf_counter() - start:.0f} s)")
-        start = time.perf_counter()
-        sens = analyze(source, imatrix, text=text, types=args.types.split(",") if args.types else None,
-                       threads=args.threads, progress=sys.stderr.isatty())
+        cal = calibrate(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=progress,
+                        dataset=str(text), output_importance=not args.no_output_importance)
+        write_imatrix(cal.imatrix, out / "imatrix.gguf")
+        cal.activations.save(out / "activations.json")
+        timings["calibration (imatrix, activations)"] = time.perf_counter() - start
+        print(f"imatrix: {out / 'imatrix.gguf'}, activations: {out / 'activations.json'} "
+              f"({cal.imatrix.chunks} chunks of {args.ctx} tokens)")
+        sens = analyze(source, cal.imatrix, text=text, types=types,
+                       n_windows=args.windows, fisher=not args.no_fisher, layer_sweep_types=sweep,
+                       threads=args.threads, progress=progress)
         sens.save(out / "sensitivity.json")
-        print(f"sensitivity: {out / 'sensitivity.json'} ({len(sens.names)} tensors, {time.perf_counter() - start:.0f} s)")
+        st = sens.settings
+        timings.update({
+            "sensitivity: reference pass": st["seconds_reference"],
+            "sensitivity: quantize + predict": st["seconds_quantize"],
+            "sensitivity: measure KLD": st["seconds_measure"],
+            "sensitivity: Fisher": st["seconds_fisher"],
+            "sensitivity: layer sweep": st["seconds_layer_sweep"],
+        })
+        print(f"sensitivity: {out / 'sensitivity.json'} ({len(sens.names)} tensors, {st['measured_pairs']} of "
+              f"{st['candidates']} pairs measured on {st['tokens']} tokens)")
+        if not args.no_report:
+            start = time.perf_counter()
+            report = write_report(out, sens, activations=cal.activations, source=source, timings=timings)
+            timings["report"] = time.perf_counter() - start
+            print(f"report: {report}")
+    print("stages:")
+    for name, seconds in timings.items():
+        print(f"  {name:<40} {seconds:8.1f} s")
     return 0
 
 
@@ -338,13 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-requantize", action="store_true", help="accept an already-quantized GGUF source")
     p.set_defaults(func=_cmd_quantize)
 
-    p = sub.add_parser("analyze", help="imatrix and per-tensor sensitivity to each type (for allocation)")
+    p = sub.add_parser("analyze", help="calibrate, measure per-tensor sensitivity, write a report (for allocation)")
     p.add_argument("src", help="the model's Hugging Face folder")
     p.add_argument("--text", required=True, help="calibration text file")
-    p.add_argument("-o", "--output", required=True, help="output folder: imatrix.gguf, sensitivity.json")
-    p.add_argument("--ctx", type=int, default=512, help="imatrix chunk size (default 512)")
-    p.add_argument("--chunks", type=int, default=64, help="imatrix chunks (default 64)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder: imatrix.gguf, activations.json, sensitivity.json, report.html, plots/")
+    p.add_argument("--ctx", type=int, default=512, help="calibration window size (default 512)")
+    p.add_argument("--chunks", type=int, default=64, help="calibration windows for the imatrix and statistics "
+                   "(default 64)")
+    p.add_argument("--windows", type=int, default=2, help="held-out windows (of 256 tokens, from the end of the "
+                   "text) on which damage is measured (default 2)")
     p.add_argument("--types", help="candidate types, comma-separated (default: all)")
+    p.add_argument("--sweep-types", help="types of the layer-by-layer sweep (default Q4_0,Q2_K; '' to skip)")
+    p.add_argument("--no-fisher", action="store_true", help="skip the Fisher estimate")
+    p.add_argument("--no-output-importance", action="store_true",
+                   help="leave the tied output/token embedding out of the imatrix, as llama-imatrix does")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_analyze)
 
