@@ -1,26 +1,25 @@
 """mixquant's allocation against llama.cpp's presets, at exactly the presets' sizes.
 
-On the test model (SmolLM2-135M) with an imatrix from the calibration text:
+On the test model (SmolLM2-135M):
 
-1. the imatrix (mixquant.calibrate, `--imatrix-chunks` windows of 512 tokens) and the sensitivity
-   analysis (mixquant.analyze, on windows held out from the end of the calibration text) are
-   computed once and kept in `--out`;
+1. `mixquant analyze` (calibrate -> sensitivity, defaults: 64 calibration windows of 512 tokens,
+   damage measured on windows held out from the end of the calibration text, Fisher basis) writes
+   imatrix.gguf and sensitivity.json into `--analysis` (computed once; reuse a folder from
+   `bench/analyze.py --out`). Its imatrix also holds the tied output/token embedding's importance
+   (the final hidden state's mean square), which llama-imatrix never collects;
 2. for each preset (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K; `plan.preset_plan` reproduces
    llama-quantize's choice), its tensor bytes are the budget of `allocate.allocate`;
-3. the preset (without and with the imatrix) and mixquant's plan (with it) are evaluated by
-   mixquant.evaluate on the held-out evaluation text (`--eval-chunks` windows of 512, the
-   second half of each scored, as llama-perplexity);
-4. with `--output-importance`, mixquant also runs with an importance vector for the tied
-   output/token embedding (the mean square of the final normed hidden state over calibration
-   windows; llama-imatrix never collects it, so llama-quantize quantizes that tensor blind), its
-   sensitivity re-analysed with it ("mixquant+oi");
-5. with `--referee`, each plan is also written as a GGUF (export.write_gguf) and scored by
+3. the preset without and with the imatrix (llama-imatrix's part of it: every entry but the tied
+   embedding's, so the preset gets exactly what llama-imatrix would give it) and mixquant's plan
+   (with the whole imatrix) are evaluated by mixquant.evaluate on the held-out evaluation text
+   (`--eval-chunks` windows of 512, the second half of each scored, as llama-perplexity);
+4. with `--referee`, each plan is also written as a GGUF (export.write_gguf) and scored by
    llama.cpp's own llama-perplexity --kl-divergence against the F32 GGUF (`--referee-chunks`).
 
 Prints a table (size, bpw, PPL, mean/p99 KLD, top-1, and mixquant's KLD relative to the preset
 with imatrix), writes results.json, the chosen plans, and kld_vs_bpw.png into `--out`.
 
-Run: .venv/bin/python bench/allocation.py [--out bench-out] [--threads 1] [--referee]
+Run: .venv/bin/python bench/allocation.py [--out bench-out] [--analysis DIR] [--threads 2] [--referee]
 """
 
 from __future__ import annotations
@@ -33,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 PRESETS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
 
 
@@ -42,93 +39,22 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def get_imatrix(args, folder: Path, calib: Path):
-    from mixquant.calibrate import compute_imatrix, read_imatrix, write_imatrix
-    from mixquant.text import read_text
+def get_analysis(args, folder: Path, calib: Path):
+    """(imatrix, sensitivity) from `mixquant analyze` in --analysis, run there first if missing."""
+    from mixquant.analyze import Sensitivity
+    from mixquant.calibrate import read_imatrix
 
-    path = Path(args.imatrix) if args.imatrix else args.out / "imatrix.gguf"
-    if path.is_file():
-        log(f"imatrix: {path}")
-        return read_imatrix(path)
-    start = time.perf_counter()
-    imatrix = compute_imatrix(folder, read_text(calib), ctx=512, chunks=args.imatrix_chunks, progress=False,
-                              dataset=calib.name)
-    write_imatrix(imatrix, path)
-    log(f"imatrix: {args.imatrix_chunks} chunks of 512 in {time.perf_counter() - start:.0f} s -> {path}")
-    return imatrix
-
-
-def get_sensitivity(args, folder: Path, calib: Path, imatrix):
-    from mixquant.analyze import Sensitivity, analyze
-
-    path = Path(args.sensitivity) if args.sensitivity else args.out / "sensitivity.json"
-    if path.is_file():
-        sens = Sensitivity.load(path)
-        log(f"sensitivity: {path} (analysed in {sens.settings.get('seconds', float('nan')):.0f} s)")
-        return sens
-    sens = analyze(folder, imatrix, text=calib, n_windows=args.windows, ctx=args.ctx, measure=args.measure,
-                   threads=args.threads, progress=True)
-    sens.save(path)
-    s = sens.settings
-    log(f"sensitivity: {s['measured_pairs']} measured pairs, {s['candidates']} candidates, {s['tokens']} tokens; "
-        f"{s['seconds']:.0f} s (reference {s['seconds_reference']:.0f}, quantize {s['seconds_quantize']:.0f}, "
-        f"measure {s['seconds_measure']:.0f}) -> {path}")
-    return sens
-
-
-def output_importance(folder: Path, calib: Path, chunks: int, ctx: int = 512) -> np.ndarray:
-    """Mean squared input of the output projection (the final normed hidden state) per column over
-    calibration windows: the importance vector llama-imatrix never collects for a tied output
-    (the token embedding then goes to llama-quantize without one)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mixquant.text import read_text, token_windows
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    windows = token_windows(tokenizer, read_text(calib), ctx, chunks)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    model.eval()
-    acc = None
-    with torch.inference_mode():
-        for w in windows:
-            h = model.get_decoder()(input_ids=w[None], use_cache=False).last_hidden_state[0].double()
-            acc = h.square().sum(0) if acc is None else acc + h.square().sum(0)
-    return (acc / windows.numel()).float().numpy()
-
-
-def get_output_importance(args, folder: Path, calib: Path, imatrix, sens, info):
-    """The imatrix plus an importance vector for the tied output / token embedding, and the
-    sensitivity with that tensor re-analysed with it."""
-    from mixquant.analyze import Sensitivity, analyze
-
-    name = "output.weight" if not info.tied_output else "token_embd.weight"
-    path = args.out / "output_importance.npy"
-    if path.is_file():
-        vec = np.load(path)
-    else:
+    if not (args.analysis / "sensitivity.json").is_file():
         start = time.perf_counter()
-        vec = output_importance(folder, calib, args.output_importance_chunks)
-        np.save(path, vec)
-        log(f"output importance: {args.output_importance_chunks} chunks in {time.perf_counter() - start:.0f} s")
-    importance = imatrix.as_dict()
-    importance[name] = vec
-    spath = args.out / "sensitivity-output-importance.json"
-    if spath.is_file():
-        return importance, Sensitivity.load(spath)
-    s = sens.settings
-    sub = analyze(folder, importance, text=calib, n_windows=s["windows"], ctx=s["ctx"], score_from=s["score_from"],
-                  tensors=[name], validate=[name], threads=args.threads, progress=False)
-    merged = Sensitivity.from_dict(sens.to_dict())
-    merged.tensors[name] = sub.tensors[name]
-    merged.settings["output_importance"] = name
-    merged.fit()
-    merged.save(spath)
-    old, new = sens[name].types, merged[name].types
-    log("output importance for " + name + ": KLD " + ", ".join(
-        f"{t} {old[t].measured:.4g}->{new[t].measured:.4g}" for t in new
-        if new[t].measured and old[t].measured and t != "F32"))
-    return importance, merged
+        mixquant = str(Path(sys.executable).with_name("mixquant"))
+        subprocess.run([mixquant, "analyze", str(folder), "--text", str(calib), "-o", str(args.analysis),
+                        *(["--threads", str(args.threads)] if args.threads else [])], check=True)
+        log(f"analysis: {time.perf_counter() - start:.0f} s -> {args.analysis}")
+    imatrix = read_imatrix(args.analysis / "imatrix.gguf")
+    sens = Sensitivity.load(args.analysis / "sensitivity.json")
+    log(f"analysis: {args.analysis} (imatrix {imatrix.chunks} chunks; {sens.settings['measured_pairs']} pairs "
+        f"measured on {sens.settings['tokens']} tokens, basis {sens.basis})")
+    return imatrix, sens
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,8 +129,7 @@ def plot(rows: list[dict], out: Path, with_referee: bool) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     styles = {"preset": ("tab:gray", "s", "llama.cpp preset"),
               "preset+imatrix": ("tab:orange", "o", "llama.cpp preset + imatrix"),
-              "mixquant": ("tab:blue", "D", "mixquant (same tensor bytes)"),
-              "mixquant+oi": ("tab:green", "^", "mixquant + output importance")}
+              "mixquant": ("tab:blue", "D", "mixquant (same tensor bytes)")}
     for kind, (color, marker, label) in styles.items():
         pts = sorted((r["bits_per_weight"], r["kld_mean"], r["preset"]) for r in rows if r["kind"] == kind)
         if not pts:
@@ -234,19 +159,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help="folder for the cached imatrix, sensitivity, "
                    "plans, results and plot (default: <mixquant cache>/bench/allocation)")
     p.add_argument("--presets", default=",".join(PRESETS))
-    p.add_argument("--imatrix", help="an imatrix file to use instead of computing one")
-    p.add_argument("--imatrix-chunks", type=int, default=100)
-    p.add_argument("--sensitivity", help="a sensitivity.json to use instead of analysing")
-    p.add_argument("--windows", type=int, default=2, help="held-out windows for the analysis (default 2)")
-    p.add_argument("--ctx", type=int, default=256, help="their length in tokens (default 256)")
-    p.add_argument("--measure", default="probe", choices=("probe", "all", "none"))
+    p.add_argument("--analysis", type=Path, help="a `mixquant analyze` output folder (default: <out>/analysis, "
+                   "analysed there first if missing)")
     p.add_argument("--eval-chunks", type=int, default=8, help="evaluation windows of 512 tokens (default 8)")
     p.add_argument("--no-plain", action="store_true", help="skip the presets without imatrix")
     p.add_argument("--threads", type=int, default=None, help="torch/quantization threads (default: torch's)")
-    p.add_argument("--output-importance", action="store_true",
-                   help="also run mixquant with an importance vector for the tied output/token embedding "
-                        "(the final hidden state's mean square), which llama-imatrix never collects")
-    p.add_argument("--output-importance-chunks", type=int, default=16)
     p.add_argument("--referee", action="store_true", help="also score GGUF files with llama-perplexity")
     p.add_argument("--referee-chunks", type=int, default=40)
     p.add_argument("--keep-gguf", action="store_true")
@@ -256,6 +173,7 @@ def main() -> int:
 
         args.out = cache_dir() / "bench" / "allocation"
     args.out.mkdir(parents=True, exist_ok=True)
+    args.analysis = args.analysis or args.out / "analysis"
 
     import torch
 
@@ -273,8 +191,9 @@ def main() -> int:
     source = open_source(folder)
     info = source.model
 
-    imatrix = get_imatrix(args, folder, calib)
-    sens = get_sensitivity(args, folder, calib, imatrix)
+    imatrix, sens = get_analysis(args, folder, calib)
+    # what llama-imatrix collects of it (blk.* only): the presets get exactly that
+    llama_imatrix = {name: v for name, v in imatrix.as_dict().items() if name.startswith("blk.")}
     fit = sens.fit_report()
     if fit.get("pairs"):
         log(f"fit check, {fit['pairs']} pairs on {fit['tensors']} tensors measured at 2+ types, each type predicted "
@@ -284,9 +203,6 @@ def main() -> int:
             f"{100 * fit['within_factor_2_without_type_factors']:.0f}%)")
     # (kind, label prefix, sensitivity, importance): what mixquant is run with
     methods = [("mixquant", "mixquant", sens, imatrix)]
-    if args.output_importance:
-        importance, sens_oi = get_output_importance(args, folder, calib, imatrix, sens, info)
-        methods.append(("mixquant+oi", "mixquant+oi", sens_oi, importance))
 
     referee = Referee(args, source, eval_text) if args.referee else None
     rows = []
@@ -302,7 +218,7 @@ def main() -> int:
             entries = []
             if not args.no_plain:
                 entries.append((preset, "preset", plan, None, None))
-            entries.append((f"{preset} +imatrix", "preset+imatrix", plan, imatrix, None))
+            entries.append((f"{preset} +imatrix", "preset+imatrix", plan, llama_imatrix, None))
             for kind, prefix, sn, imp in methods:
                 alloc = allocate(sn, max_bytes=budget)
                 log(f"{preset}: {budget:,} tensor bytes; {kind}: {alloc}")
