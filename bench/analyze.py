@@ -2,7 +2,10 @@
 bounds (15 minutes, 6 GB on 2 cores) and, for the imatrix stage, against llama-imatrix on the
 same text, chunks and threads (run here too, on the F32 GGUF mixquant exports).
 
-Run: .venv/bin/python bench/analyze.py [--chunks 64] [--threads 2] [--types Q2_K,...,Q8_0]
+Run: .venv/bin/python bench/analyze.py [--chunks 64] [--threads 2] [--types Q2_K,...,Q8_0] [--out DIR]
+
+The candidate types default to every quantized type mixquant writes (Q2_K..Q8_0 with IQ4_NL and
+IQ4_XS, and F16/BF16): the set the allocator chooses from.
 """
 
 import argparse
@@ -18,7 +21,7 @@ from quantize import RSS_WRAPPER
 from mixquant.reference import llama_tool
 from mixquant.testdata import build_test_model, build_test_text
 
-TYPES = "Q2_K,Q3_K,Q4_0,Q4_1,Q4_K,Q5_0,Q5_1,Q5_K,Q6_K,Q8_0"
+CALIBRATION = "calibration (imatrix, activations)"
 STAGE = re.compile(r"^  (\S.*?)\s+([0-9.]+) s$")  # the stage table `mixquant analyze` prints last
 
 
@@ -38,7 +41,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=64, help="calibration windows of --ctx tokens")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--types", default=TYPES, help=f"candidate types (default {TYPES})")
+    parser.add_argument("--types", help="candidate types, comma-separated (default: all)")
     parser.add_argument("--out", help="keep the analysis here (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -49,8 +52,8 @@ def main() -> None:
         tmp = Path(tmp)
         out = Path(args.out) if args.out else tmp / "analysis"
         seconds, rss, stdout = run([mixquant, "analyze", str(model), "--text", str(calib), "-o", str(out),
-                                    "--chunks", str(args.chunks), "--ctx", str(args.ctx), "--types", args.types,
-                                    "--threads", str(args.threads)])
+                                    "--chunks", str(args.chunks), "--ctx", str(args.ctx), "--threads", str(args.threads),
+                                    *(["--types", args.types] if args.types else [])])
         stages = [(m.group(1), float(m.group(2))) for m in map(STAGE.match, stdout.splitlines()) if m]
 
         f32 = tmp / "f32.gguf"
@@ -59,16 +62,17 @@ def main() -> None:
                                        "-c", str(args.ctx), "--chunks", str(args.chunks), "-t", str(args.threads),
                                        "-o", str(tmp / "llama-imatrix.gguf"), "--no-ppl"])
 
-    print(f"mixquant analyze: test model, {args.chunks} windows of {args.ctx} tokens, types {args.types}, "
+    print(f"mixquant analyze: test model, {args.chunks} windows of {args.ctx} tokens, types {args.types or 'all'}, "
           f"{args.threads} threads")
-    print(f"{'stage':24} {'seconds':>8}")
+    print(f"{'stage':40} {'seconds':>8}")
     for name, s in stages:
-        print(f"{name:24} {s:8.1f}")
-    print(f"{'total (wall, process)':24} {seconds:8.1f}   peak RSS {rss:.0f} MB")
-    imatrix = dict(stages).get("imatrix")
-    if imatrix:
-        print(f"imatrix stage vs llama-imatrix (same chunks, threads; F32 GGUF): {imatrix:.1f} s vs {ref_seconds:.1f} s, "
-              f"ratio {imatrix / ref_seconds:.2f} (llama-imatrix peak RSS {ref_rss:.0f} MB)")
+        print(f"{name:40} {s:8.1f}")
+    print(f"{'total (wall, whole process)':40} {seconds:8.1f}   peak RSS {rss:.0f} MB")
+    calibration = dict(stages).get(CALIBRATION)
+    if calibration:
+        print(f"calibration (imatrix + activation statistics) vs llama-imatrix (imatrix only; same chunks and threads, "
+              f"F32 GGUF): {calibration:.1f} s vs {ref_seconds:.1f} s, ratio {calibration / ref_seconds:.2f} "
+              f"(llama-imatrix peak RSS {ref_rss:.0f} MB)")
     print(f"bounds: 15 min -> {'within' if seconds <= 900 else 'OVER'} ({seconds / 900:.2f} of it); "
           f"6 GB -> {'within' if rss <= 6144 else 'OVER'} ({rss / 6144:.2f} of it)")
 
