@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny_llama, random_text
 
 from mixquant.errors import MixquantError
-from mixquant.evaluate import EvalResult, Evaluator, format_table, plot_results, unpermute_qk
+from mixquant.evaluate import Evaluator, format_table, plot_results, unpermute_qk
 
 CTX = 32
 CHUNKS = 3
@@ -336,22 +336,35 @@ def _number(pattern: str, log: str) -> float:
     return float(m.group(1))
 
 
+@pytest.fixture(scope="module")
+def llama_base(smollm, tmp_path_factory):
+    """llama-perplexity's float32 run on the test model's F32 GGUF: its log and --kl-divergence-base file."""
+    from mixquant.export import write_gguf
+    from mixquant.plan import preset_plan
+
+    folder = tmp_path_factory.mktemp("llama_base")
+    f32 = folder / "smollm-f32.gguf"
+    write_gguf(smollm.source, preset_plan(smollm.source.model, "F32"), f32, progress=False)
+    log = _llama_perplexity("-m", f32, "-f", smollm.text_path, "--kl-divergence-base", folder / "base.kld")
+    f32.unlink()
+    yield log, folder / "base.kld"
+    (folder / "base.kld").unlink(missing_ok=True)
+
+
 @pytest.mark.slow
-def test_smollm_gguf_matches_llama_perplexity(smollm, tmp_path):
+def test_smollm_gguf_matches_llama_perplexity(smollm, llama_base, tmp_path):
     """The same F32 and Q8_0 files through llama.cpp's llama-perplexity and through us: PPL within
     1%; KLD and top-1 with --kl-divergence close to ours once activations are rounded like ggml-cpu."""
     from mixquant.export import write_gguf
     from mixquant.plan import preset_plan
 
     src, text = smollm.source, smollm.text_path
-    f32, q8 = tmp_path / "smollm-f32.gguf", tmp_path / "smollm-q8_0.gguf"
+    base, base_kld = llama_base
+    q8 = tmp_path / "smollm-q8_0.gguf"
     try:
-        write_gguf(src, preset_plan(src.model, "F32"), f32, progress=False)
         write_gguf(src, preset_plan(src.model, "Q8_0"), q8, progress=False)
-        base = _llama_perplexity("-m", f32, "-f", text, "--kl-divergence-base", tmp_path / "base.kld")
         llama_f32 = _number(r"Final estimate: PPL = ([0-9.]+)", base)
-        kld = _llama_perplexity("-m", q8, "-f", text, "--kl-divergence-base", tmp_path / "base.kld",
-                                "--kl-divergence")
+        kld = _llama_perplexity("-m", q8, "-f", text, "--kl-divergence-base", base_kld, "--kl-divergence")
         llama_q8 = _number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", kld)
         llama_kld = _number(r"Mean\s+KLD:\s*([0-9.]+)", kld)
         llama_top1 = _number(r"Same top p:\s*([0-9.]+)", kld) / 100
@@ -373,5 +386,36 @@ def test_smollm_gguf_matches_llama_perplexity(smollm, tmp_path):
               f"ours {ours.ppl:.4f} (cpu activations {cpu.ppl:.4f}); KLD {llama_kld:.6f}, ours {ours.kld_mean:.6f} "
               f"(cpu activations {cpu.kld_mean:.6f}); top-1 {llama_top1:.4f}, ours {ours.top1:.4f} ({cpu.top1:.4f})")
     finally:
-        for f in (f32, q8, tmp_path / "base.kld"):
-            f.unlink(missing_ok=True)
+        q8.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_smollm_allocated_gguf_runs_in_llama_cpp(smollm, llama_base, tmp_path):
+    """An allocated mixed-type plan (k-quants, IQ4, legacy types side by side), written as a GGUF:
+    llama.cpp's llama-perplexity loads and runs it, and its PPL and KLD agree with ours."""
+    from mixquant.allocate import allocate
+    from mixquant.analyze import analyze
+    from mixquant.export import write_gguf
+
+    src, text = smollm.source, smollm.text_path
+    sens = analyze(src, None, measure="none", types=["Q4_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q6_K", "IQ4_NL"],
+                   progress=False)
+    plan = allocate(sens, bpw=5.2).plan
+    assert len({t for t in plan.types.values() if t != "F32"}) >= 3, plan.type_counts()
+    mixed = tmp_path / "mixed.gguf"
+    try:
+        write_gguf(src, plan, mixed, progress=False)
+        log = _llama_perplexity("-m", mixed, "-f", text, "--kl-divergence-base", llama_base[1], "--kl-divergence")
+        llama_ppl = _number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", log)
+        llama_kld = _number(r"Mean\s+KLD:\s*([0-9.]+)", log)
+        smollm.cpu_activations = True
+        try:
+            ours = smollm.evaluate_gguf(mixed)
+        finally:
+            smollm.cpu_activations = False
+        assert abs(ours.ppl / llama_ppl - 1) < 0.01, (ours.ppl, llama_ppl)
+        assert abs(ours.kld_mean / llama_kld - 1) < 0.15, (ours.kld_mean, llama_kld)
+        print(f"\nallocated {plan.type_counts()}: llama.cpp PPL {llama_ppl:.4f} KLD {llama_kld:.5f}; "
+              f"ours {ours.ppl:.4f} {ours.kld_mean:.5f}")
+    finally:
+        mixed.unlink(missing_ok=True)
