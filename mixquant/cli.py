@@ -78,21 +78,35 @@ def _rules(args: argparse.Namespace):
     return overrides if args.recipe is None else overrides.then(load_recipe(args.recipe))
 
 
+# calibration windows of 512 tokens for an imatrix computed on the fly (mixquant analyze's default)
+_ON_THE_FLY_CHUNKS = 64
+
+
 def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool):
-    """--sensitivity; for an allocation without one, --text analysed on the fly; else None."""
+    """(sensitivity, imatrix): --sensitivity; for an allocation without one, --text analysed on the
+    fly as `mixquant analyze` would (calibrating an imatrix there too unless --imatrix gives one);
+    else no sensitivity."""
     from .analyze import Sensitivity, analyze
+    from .calibrate import calibrate
+    from .text import read_text
 
     if args.sensitivity:
-        return Sensitivity.load(args.sensitivity)
+        return Sensitivity.load(args.sensitivity), imatrix
     if not allocating:
-        return None
+        return None, imatrix
     if not args.text:
         raise MixquantError(f"{'/'.join(_TARGETS.values())} need --sensitivity FILE (from mixquant analyze) "
                             "or --text CALIB.txt")
+    progress = sys.stderr.isatty()
     try:
-        return analyze(source, imatrix, text=args.text, threads=args.threads, progress=sys.stderr.isatty())
+        if imatrix is None and source.hf_folder is not None:
+            imatrix = calibrate(source.hf_folder, read_text(args.text), chunks=_ON_THE_FLY_CHUNKS, progress=progress,
+                                dataset=str(args.text), activations=False, output_importance=True).imatrix
+            print(f"imatrix: calibrated on {imatrix.chunks} chunks of {args.text}", file=sys.stderr)
+        sens = analyze(source, imatrix, text=args.text, fisher=True, threads=args.threads, progress=progress)
     except MixquantError as exc:
         raise MixquantError(f"analysing --text {args.text} on the fly: {exc}") from None
+    return sens, imatrix
 
 
 def _allocated_plan(args: argparse.Namespace, source, sens):
@@ -150,7 +164,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                             "--sensitivity")
     imatrix = _read_imatrix_arg(args.imatrix)
     with open_source(args.src, allow_requantize=args.allow_requantize) as source:
-        sens = _sensitivity(args, source, imatrix, allocating=bool(targets))
+        sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets))
         if targets:
             plan = _allocated_plan(args, source, sens)
         elif args.recipe is not None:
