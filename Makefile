@@ -1,4 +1,4 @@
-# Two entry points: `make quickstart` (set up, build the test model, quantize it) and `make test`.
+# Two entry points: `make quickstart` (set up, build the test model, analyse and quantize it) and `make test`.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,12 +17,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 MODEL = $$($(PY) -c 'from mixquant.testdata import build_test_model; print(build_test_model())')
+TEXT = $$($(PY) -c 'from mixquant.testdata import build_test_text; print(build_test_text()[$(1)])')
+MQ = $(VENV)/bin/mixquant
 
+# The main job on the test model: analyse it, quantize it with llama.cpp's Q4_K_M rules and with
+# mixquant's allocation at exactly that file size, and compare the two against float32.
 quickstart: setup
-	$(VENV)/bin/mixquant fixture
-	$(VENV)/bin/mixquant formats --types Q8_0,Q6_K,Q5_K,Q4_K,Q4_0,IQ4_NL,Q3_K,Q2_K
+	$(MQ) fixture
+	$(MQ) formats --types Q8_0,Q6_K,Q5_K,Q4_K,Q4_0,IQ4_NL,Q3_K,Q2_K
 	mkdir -p out
-	$(VENV)/bin/mixquant quantize "$(MODEL)" out/smollm2-135m-Q4_K_M.gguf Q4_K_M
+	$(MQ) analyze "$(MODEL)" --text "$(call TEXT,0)" -o out/analysis
+	$(MQ) quantize "$(MODEL)" out/smollm2-135m-Q4_K_M.gguf Q4_K_M --imatrix out/analysis/imatrix.gguf
+	$(MQ) quantize "$(MODEL)" out/smollm2-135m-mixquant.gguf --target-size $$(stat -c %s out/smollm2-135m-Q4_K_M.gguf) \
+		--sensitivity out/analysis/sensitivity.json --imatrix out/analysis/imatrix.gguf
+	$(MQ) compare "$(MODEL)" out/smollm2-135m-Q4_K_M.gguf out/smollm2-135m-mixquant.gguf \
+		--text "$(call TEXT,1)" --chunks 8 --plot out/compare.png
+	@echo "report: out/analysis/report.html"
 
 test: setup
 	$(PY) -m pytest -q
