@@ -57,6 +57,25 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
+def _check_at_least(args: argparse.Namespace, **minimums: int) -> None:
+    """One-line errors for counts below their minimum (None: not given, the default applies)."""
+    for name, least in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise MixquantError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
+def _output_folder(path: str) -> Path:
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise MixquantError(f"{out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MixquantError(f"{out}: cannot create the folder: {exc.strerror or exc}") from None
+    return out
+
+
 def _parse_size(text: str) -> int:
     """'80MB', '76.5MiB', '1.2GB' or plain bytes."""
     import re
@@ -201,10 +220,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .source import open_source
     from .text import read_text
 
-    out = Path(args.output)
     text = Path(args.text)
     if not text.is_file():
         raise MixquantError(f"{text}: no such text file")
+    # ggml never collects micro-batches under 16 tokens (calibrate._MIN_UBATCH_TOKENS)
+    _check_at_least(args, ctx=16, chunks=1, windows=1)
     # types are checked before the long stages start
     types = [formats.get(t).name for t in args.types.split(",")] if args.types else None
     sweep = DEFAULT_SWEEP_TYPES if args.sweep_types is None else [
@@ -214,7 +234,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     with open_source(args.src) as source:
         if source.hf_folder is None:
             raise MixquantError(f"{args.src}: analyze needs a Hugging Face folder (it runs the model in PyTorch)")
-        out.mkdir(parents=True, exist_ok=True)
+        out = _output_folder(args.output)
         start = time.perf_counter()
         cal = calibrate(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=progress,
                         dataset=str(text), output_importance=not args.no_output_importance)
@@ -253,6 +273,10 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     from .calibrate import compute_imatrix, write_imatrix
     from .source import open_source
     from .text import read_text
+
+    _check_at_least(args, ctx=16)
+    if args.chunks == 0:
+        raise MixquantError("--chunks must be at least 1 (or -1: all of the text)")
 
     with open_source(args.src) as source:
         if source.hf_folder is None:

@@ -364,6 +364,8 @@ class Evaluator:
             raise MixquantError(f"{self.text_path}: no such text file")
         if ctx < 4:
             raise MixquantError(f"context size must be at least 4, got {ctx}")
+        if chunks == 0:
+            raise MixquantError("chunks must be at least 1 (or None/-1: all of the text)")
         self.ctx = int(ctx)
         self.threads = threads
         self.progress = progress

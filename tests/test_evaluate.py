@@ -215,6 +215,8 @@ def test_bad_inputs_are_one_line_errors(tiny, evaluator, tmp_path):
         Evaluator(folder, tmp_path / "none.txt", ctx=CTX)
     with pytest.raises(MixquantError, match="at least"):
         Evaluator(folder, text, ctx=4096)
+    with pytest.raises(MixquantError, match="chunks must be at least 1"):
+        Evaluator(folder, text, ctx=CTX, chunks=0)
 
 
 def test_compare_items_are_checked_before_any_work(tmp_path):

@@ -80,11 +80,18 @@ def test_activation_table_lists_the_heaviest_tailed_input_first(analysis):
 @pytest.mark.parametrize("argv, message", [
     (["--text", "{missing}"], "no such text file"),
     (["--text", "{text}", "--types", "Q9_9"], "Q9_9"),
+    (["--text", "{text}", "--sweep-types", "Q4_0,Q9"], "'Q9'"),
+    (["--text", "{text}", "--windows", "0"], "--windows must be at least 1, got 0"),
+    (["--text", "{text}", "--chunks", "0"], "--chunks must be at least 1, got 0"),
+    (["--text", "{text}", "--ctx", "8"], "--ctx must be at least 16, got 8"),
+    (["--text", "{text}", "-o", "{file}"], "exists and is not a folder"),
 ])
 def test_analyze_errors_are_one_line(analysis, tmp_path, capsys, argv, message):
     out, _ = analysis
     model = out.parent / "model"
-    argv = [a.format(missing=tmp_path / "nope.txt", text=out.parent / "calib.txt") for a in argv]
-    rc = main(["analyze", str(model), *argv, "-o", str(tmp_path / "a"), "--ctx", "64", "--chunks", "2"])
+    (tmp_path / "file").touch()
+    argv = [a.format(missing=tmp_path / "nope.txt", text=out.parent / "calib.txt", file=tmp_path / "file")
+            for a in argv]
+    rc = main(["analyze", str(model), "-o", str(tmp_path / "a"), "--ctx", "64", "--chunks", "2", *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and message in err, err
