@@ -119,7 +119,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -130,6 +129,7 @@ import numpy as np
 
 from .calibrate import Distribution, weight_distribution
 from .errors import MixquantError
+from .plan import layer_of
 
 __all__ = [
     "SCHEMA",
@@ -751,11 +751,6 @@ class _Runner:
         return {name: a.numpy() for name, a in acc.items()}
 
 
-def _layer_of(name: str) -> int | None:
-    m = re.match(r"blk\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
 def _map_parameters(model, info) -> dict[str, Any]:
     """GGUF tensor name -> the transformers parameter holding it (a tied output appears once)."""
     import gguf
@@ -790,7 +785,7 @@ class _Measurer:
     def start_of(self, name: str) -> int:
         """The block a rerun starts from: the tensor's block; -1 (embeddings) for token_embd;
         past the last block for the output layer."""
-        il = _layer_of(name)
+        il = layer_of(name)
         if il is not None:
             return il
         if name.startswith("token_embd"):
@@ -837,7 +832,7 @@ def _auto_validate(info) -> list[str]:
     names = [t.name for t in info.tensors]
     out = [n for n in ("token_embd.weight", "output.weight") if n in names]
     layers = sorted({info.n_layer // 2, info.n_layer - 1})
-    out += [n for n in names if _layer_of(n) in layers]
+    out += [n for n in names if layer_of(n) in layers]
     return out
 
 
@@ -1076,7 +1071,7 @@ def _layer_sweep(src, info, measurer: _Measurer, imatrix: Any, types: list[str],
 
     blocks: dict[int, list[Any]] = {}
     for t in info.tensors:
-        il = _layer_of(t.name)
+        il = layer_of(t.name)
         if il is not None and t.name in measurer.params and allows_quantization(t, info.arch):
             blocks.setdefault(il, []).append(t)
     out = []

@@ -552,8 +552,6 @@ class Evaluator:
         return self._reference
 
     def _compute_reference(self, folder: Path) -> Reference:
-        import torch
-
         self.restore()
         model = self.model
         n_vocab = int(model.config.vocab_size)
@@ -623,8 +621,6 @@ class Evaluator:
             return self._score_windows(label, kind, nbytes, bpw, started)
 
     def _score_windows(self, label: str, kind: str, nbytes: int, bpw: float, started: float) -> EvalResult:
-        import torch
-
         ref = self.reference()
         kld = np.zeros((self.n_chunks, self.n_scored), dtype=np.float64)
         nll = np.zeros((self.n_chunks, self.n_scored), dtype=np.float64)

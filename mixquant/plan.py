@@ -39,6 +39,8 @@ __all__ = [
     "preset_plan",
     "default_type",
     "allows_quantization",
+    "layer_of",
+    "requires_imatrix",
     "category",
     "fallback_type",
     "block_size",
@@ -566,7 +568,7 @@ class _Counters:
     i_ffn_up: int = 0
 
 
-def _layer_of(name: str) -> int | None:
+def layer_of(name: str) -> int | None:
     """sscanf(name, "blk.%d.", &il): the leading integer after "blk.", else None."""
     m = re.match(r"blk\.\s*([+-]?\d+)", name)
     return int(m.group(1)) if m else None
@@ -575,7 +577,7 @@ def _layer_of(name: str) -> int | None:
 def _layer_info(model: ModelInfo, counter: int, name: str) -> tuple[int, int]:
     """(i_layer, n_layer): the running counter, or for MoE models the layer in the tensor's name."""
     if max(1, model.n_expert) > 1:
-        il = _layer_of(name)
+        il = layer_of(name)
         if il is None:
             raise ValueError(f"Failed to determine layer for tensor {name}")
         if not 0 <= il < model.n_layer:
@@ -695,7 +697,7 @@ def fallback_type(type_name: str, ncols: int) -> str:
 _NEEDS_IMATRIX = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"})
 
 
-def _requires_imatrix(name: str, type_name: str, ftype: str | None) -> bool:
+def requires_imatrix(name: str, type_name: str, ftype: str | None) -> bool:
     if name in _TOKEN_EMBD_NAMES or name == OUTPUT:
         return False
     return type_name in _NEEDS_IMATRIX or (type_name == "Q2_K" and ftype == "Q2_K_S")
@@ -779,7 +781,7 @@ def _loader_order(tensors: Iterable[TensorInfo]) -> list[TensorInfo]:
     """llama_model_loader::weight_name_comparer: by block index (-1 outside blocks), then name."""
 
     def key(t: TensorInfo):
-        il = _layer_of(t.name)
+        il = layer_of(t.name)
         return (-1 if il is None else il, t.name.encode())
 
     return sorted(tensors, key=key)
@@ -884,7 +886,7 @@ def preset_plan(
                 plan.fallbacks[name] = new
             new = fitted
         plan.types[name] = new
-        if _requires_imatrix(name, new, ftype):
+        if requires_imatrix(name, new, ftype):
             needs_imatrix.append(name)
 
     plan.requires_imatrix = tuple(needs_imatrix)

@@ -45,8 +45,8 @@ import yaml
 
 from . import formats
 from .errors import MixquantError
-from .plan import (Cat, ModelInfo, Plan, _layer_of, _requires_imatrix, allows_quantization, block_size, category,
-                   fallback_type)
+from .plan import (Cat, ModelInfo, Plan, allows_quantization, block_size, category, fallback_type, layer_of,
+                   requires_imatrix)
 from .text import read_bytes
 
 __all__ = ["KINDS", "Rule", "Recipe", "kind", "load_recipe", "parse_recipe", "shipped_recipes"]
@@ -188,7 +188,7 @@ class Rule:
             return False
         if self.kinds and kind(name) not in self.kinds:
             return False
-        return layers is None or _layer_of(name) in layers
+        return layers is None or layer_of(name) in layers
 
     def fit(self, cols: int) -> str:
         """The rule's type for rows of `cols` values: itself if its block divides them, else the
@@ -269,7 +269,7 @@ class Recipe:
                                 f"and no default; {auto[0]}, ...): give them a type, or allocate them "
                                 "(--target-bpw, --target-size or --max-kld)")
         return Plan(types=dict(types), shapes={t.name: t.shape for t in model.tensors}, fallbacks=wanted,
-                    requires_imatrix=tuple(n for n, ty in types.items() if _requires_imatrix(n, ty, None)))
+                    requires_imatrix=tuple(n for n, ty in types.items() if requires_imatrix(n, ty, None)))
 
     def pins(self, model: ModelInfo) -> dict[str, str]:
         """{tensor: type} for the allocator: every quantizable tensor a rule gives a type (the

@@ -23,9 +23,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MixquantError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["read_text", "read_json", "write_json", "adds_bos", "tokenize", "token_windows"]
 
