@@ -338,6 +338,15 @@ def _number(pattern: str, log: str) -> float:
     return float(m.group(1))
 
 
+def _with_cpu_activations(evaluator, path):
+    """evaluate_gguf with activations rounded as ggml-cpu does (same model, no second copy)."""
+    evaluator.cpu_activations = True
+    try:
+        return evaluator.evaluate_gguf(path)
+    finally:
+        evaluator.cpu_activations = False
+
+
 @pytest.fixture(scope="module")
 def llama_base(smollm, tmp_path_factory):
     """llama-perplexity's float32 run on the test model's F32 GGUF: its log and --kl-divergence-base file."""
@@ -375,12 +384,8 @@ def test_smollm_gguf_matches_llama_perplexity(smollm, llama_base, tmp_path):
         ours = smollm.evaluate_gguf(q8)
         assert abs(ours.ppl / llama_q8 - 1) < 0.01, (ours.ppl, llama_q8)
         assert 0 < ours.kld_mean < llama_kld and ours.top1 > 0.9
-        # rounding the activations as ggml-cpu does gives llama.cpp's KLD (same model, no second copy)
-        smollm.cpu_activations = True
-        try:
-            cpu = smollm.evaluate_gguf(q8)
-        finally:
-            smollm.cpu_activations = False
+        # rounding the activations as ggml-cpu does gives llama.cpp's KLD
+        cpu = _with_cpu_activations(smollm, q8)
         assert abs(cpu.ppl / llama_q8 - 1) < 0.01, (cpu.ppl, llama_q8)
         assert abs(cpu.kld_mean / llama_kld - 1) < 0.15, (cpu.kld_mean, ours.kld_mean, llama_kld)
         assert abs(cpu.top1 - llama_top1) < 0.02, (cpu.top1, llama_top1)
@@ -410,11 +415,7 @@ def test_smollm_allocated_gguf_runs_in_llama_cpp(smollm, llama_base, tmp_path):
         log = _llama_perplexity("-m", mixed, "-f", text, "--kl-divergence-base", llama_base[1], "--kl-divergence")
         llama_ppl = _number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", log)
         llama_kld = _number(r"Mean\s+KLD:\s*([0-9.]+)", log)
-        smollm.cpu_activations = True
-        try:
-            ours = smollm.evaluate_gguf(mixed)
-        finally:
-            smollm.cpu_activations = False
+        ours = _with_cpu_activations(smollm, mixed)
         assert abs(ours.ppl / llama_ppl - 1) < 0.01, (ours.ppl, llama_ppl)
         assert abs(ours.kld_mean / llama_kld - 1) < 0.15, (ours.kld_mean, llama_kld)
         print(f"\nallocated {plan.type_counts()}: llama.cpp PPL {llama_ppl:.4f} KLD {llama_kld:.5f}; "
