@@ -90,3 +90,11 @@ def make_tiny_llama(folder, *, vocab_size: int, intermediate_size: int, tie_word
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
     return folder
+
+
+def tiny_model_and_text(root, n_words: int, seed: int):
+    """(HF folder, calibration text file) under `root`: a tied tiny llama and random sentences."""
+    model = make_tiny_llama(root / "model", vocab_size=300, intermediate_size=256, tie_word_embeddings=True)
+    text = root / "calib.txt"
+    text.write_text(random_text(n_words, seed))
+    return model, text

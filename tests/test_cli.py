@@ -107,14 +107,12 @@ def test_bad_input_is_one_line_and_writes_nothing(model, f32_gguf, tmp_path, arg
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A 2-layer llama (HF folder), calibration text for it, and its sensitivity (measured)."""
-    from conftest import make_tiny_llama, random_text
+    from conftest import tiny_model_and_text
 
     from mixquant.analyze import analyze
 
     root = tmp_path_factory.mktemp("tiny_cli")
-    model = make_tiny_llama(root / "model", vocab_size=300, intermediate_size=256, tie_word_embeddings=True)
-    text = root / "calib.txt"
-    text.write_text(random_text(2000, 1))
+    model, text = tiny_model_and_text(root, 2000, seed=1)
     sens = analyze(model, None, text=text, n_windows=1, ctx=64, progress=False, threads=1)
     return {"model": model, "text": text, "sens": sens.save(root / "sensitivity.json")}
 

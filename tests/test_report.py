@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_llama, random_text
+from conftest import tiny_model_and_text
 
 from mixquant.analyze import Sensitivity, rank_correlation
 from mixquant.calibrate import ActivationStats, read_imatrix
@@ -18,9 +18,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("analyze_cli")
-    model = make_tiny_llama(root / "model", vocab_size=300, intermediate_size=256, tie_word_embeddings=True)
-    text = root / "calib.txt"
-    text.write_text(random_text(3000, 2))
+    model, text = tiny_model_and_text(root, 3000, seed=2)
     out = root / "analysis"
     import io
     from contextlib import redirect_stdout
