@@ -165,7 +165,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     """llama-quantize's interface: SRC OUT.gguf TYPE, per-tensor plan from the preset and overrides;
     or a recipe's plan; or a size (--target-bpw/--target-size) and the plan that loses least within
     it, or the smallest plan within a loss (--max-kld)."""
-    from .export import gguf_file_size, write_gguf
+    from .export import check_output, gguf_file_size, write_gguf
     from .plan import preset_plan
     from .source import open_source
 
@@ -183,6 +183,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                             "--sensitivity")
     imatrix = _read_imatrix_arg(args.imatrix)
     with open_source(args.src, allow_requantize=args.allow_requantize) as source:
+        if not args.dry_run:  # before any long work: the output path is usable and overwrites no input
+            check_output(args.out, [*source.input_files, args.imatrix, args.sensitivity, args.text, args.recipe])
         sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets))
         if targets:
             plan = _allocated_plan(args, source, sens)

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import gguf
 import numpy as np
@@ -28,7 +28,7 @@ from . import formats
 from .errors import MixquantError
 from .source import Source
 
-__all__ = ["ExportResult", "write_gguf", "gguf_file_size", "file_type_for"]
+__all__ = ["ExportResult", "write_gguf", "gguf_file_size", "file_type_for", "check_output"]
 
 
 @dataclass
@@ -101,6 +101,20 @@ def _gguf_value(key: str, value: Any) -> GGUFValue:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return GGUFValue(list(value), VT.ARRAY, VT.STRING)
     raise MixquantError(f"metadata {key!r}: cannot store a {type(value).__name__} value; pass a gguf GGUFValue")
+
+
+def check_output(out_path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]) -> Path:
+    """The output path, if a file may be written there: not a folder, in a folder that exists,
+    and none of `inputs` (None entries skipped), which are never overwritten."""
+    out = Path(out_path).expanduser()
+    if out.is_dir():
+        raise MixquantError(f"{out}: is a folder; give the path of the .gguf file to write")
+    if not out.parent.is_dir():
+        raise MixquantError(f"{out.parent}: output folder does not exist")
+    for f in inputs:
+        if f is not None and (_same_file(out, Path(f)) or out.resolve() == Path(f).expanduser().resolve()):
+            raise MixquantError(f"{out}: refusing to overwrite the input file {f}")
+    return out
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -226,14 +240,7 @@ def write_gguf(
         INT32, as llama-quantize does), float (FLOAT32) or list of str.
     """
     start = time.perf_counter()
-    out = Path(out_path).expanduser()
-    if out.is_dir():
-        raise MixquantError(f"{out}: is a folder; give the path of the .gguf file to write")
-    if not out.parent.is_dir():
-        raise MixquantError(f"{out.parent}: output folder does not exist")
-    for f in source.input_files:
-        if _same_file(out, f) or out.resolve() == Path(f).resolve():
-            raise MixquantError(f"{out}: refusing to overwrite the input file {f}")
+    out = check_output(out_path, source.input_files)
 
     tensors = _check_plan(source, plan, importance)
     shapes = {n: s for n, s, _ in tensors}

@@ -44,8 +44,9 @@ def read_bytes(path: str | Path) -> bytes:
 def read_json(path: str | os.PathLike[str]) -> Any:
     """A JSON file (the analysis files); unreadable or not JSON is a one-line MixquantError."""
     path = Path(path).expanduser()
+    raw = read_bytes(path)
     try:
-        return json.loads(read_bytes(path))
+        return json.loads(raw)
     except ValueError as exc:
         raise MixquantError(f"{path}: not JSON: {exc}") from None
 

@@ -228,3 +228,14 @@ def test_recipe_and_target_errors_are_one_line(tiny, tmp_path, capsys, args, mes
     rc, _, err = quantize(capsys, tiny["model"], out, *[a.format(text=tiny["text"], bad=bad) for a in args])
     assert rc == 1 and err.count("\n") == 1 and err.startswith("mixquant: error:") and message in err, err
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_no_input_of_quantize_is_overwritten(tiny, tmp_path, capsys):
+    sens = tmp_path / "sensitivity.json"
+    sens.write_bytes(tiny["sens"].read_bytes())
+    before = sens.read_bytes()
+    rc, _, err = quantize(capsys, tiny["model"], sens, "--target-bpw", 6, "--sensitivity", sens)
+    assert rc == 1 and "refusing to overwrite the input file" in err and sens.read_bytes() == before
+    rc, _, err = quantize(capsys, tiny["model"], tmp_path / "o.gguf", "--target-bpw", 6, "--sensitivity",
+                          tmp_path / "none.json")
+    assert rc == 1 and err.strip() == f"mixquant: error: {tmp_path / 'none.json'}: cannot read: No such file or directory"
