@@ -243,17 +243,11 @@ def _histograms(sens, activations, source, extremes: list[tuple[str, str]], plot
 
 
 def _pairs(sens, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(score, measured, type) over the measured pairs with a positive score and measurement."""
-    xs, ys, ts = [], [], []
-    for t in sens.tensors.values():
-        if t.fixed:
-            continue
-        for typ, c in t.types.items():
-            score = c.predicted if kind == "predicted" else getattr(c, "fisher", None)
-            if c.measured is not None and score is not None and score > 0 and c.measured > 0:
-                xs.append(score)
-                ys.append(c.measured)
-                ts.append(typ)
+    """(score, measured, type) arrays of `analyze.scored_pairs`, positive ones only (log axes)."""
+    from .analyze import scored_pairs
+
+    kept = [(score, measured, typ) for typ, score, measured in scored_pairs(sens, kind) if score > 0 and measured > 0]
+    xs, ys, ts = zip(*kept) if kept else ((), (), ())
     return np.array(xs), np.array(ys), np.array(ts, dtype=object)
 
 

@@ -396,13 +396,13 @@ def test_runner_reproduces_the_full_forward_pass(tiny):
         full = model(input_ids=windows).logits[:, 10:39].reshape(-1, model.config.vocab_size)
     torch.testing.assert_close(runner.ref, full, rtol=1e-5, atol=1e-5)
     for start in (-1, 0, 1, 2):
-        assert runner.kld(start) == 0.0
+        assert runner.score(start)[0] == 0.0
     # a perturbed weight: the rerun agrees with a full forward's KLD
     p = model.model.layers[1].mlp.down_proj.weight
     with torch.no_grad():
         saved = p.clone()
         p.add_(0.05 * torch.randn_like(p))
-        kl_inc = runner.kld(1)
+        kl_inc = runner.score(1)[0]
         with torch.inference_mode():
             logq = torch.log_softmax(model(input_ids=windows).logits[:, 10:39].double(), -1).reshape(full.shape)
         logp = torch.log_softmax(full.double(), -1)
@@ -410,7 +410,7 @@ def test_runner_reproduces_the_full_forward_pass(tiny):
         p.copy_(saved)
     assert kl_inc == pytest.approx(kl_full, rel=1e-3)
     assert kl_inc > 0
-    assert runner.kld(1) == 0.0
+    assert runner.score(1)[0] == 0.0
 
 
 def test_analysis_of_a_tiny_model_allocates(tiny, tmp_path):
