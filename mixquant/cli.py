@@ -12,9 +12,9 @@ from .errors import MixquantError
 
 
 def _cmd_fixture(args: argparse.Namespace) -> int:
-    from .testdata import build_test_model, build_test_text
+    from .testdata import TEST_MODELS, build_test_text
 
-    model = build_test_model(force=args.force)
+    model = TEST_MODELS[args.model].build(force=args.force)
     calib, evaluation = build_test_text(force=args.force)
     print(f"test model:       {model}")
     print(f"calibration text: {calib}")
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fixture", help="build the bundled test model and text into the cache")
+    p.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
+                   help="SmolLM2-135M-Instruct (default) or Gemma 3 270M")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=_cmd_fixture)
 

@@ -19,6 +19,7 @@ Text: the gensim Wikipedia test extract, cleaned and split 60/40 (wikitext.py):
     build_test_text()    -> (cache_dir() / "text" / "calib.txt", cache_dir() / "text" / "eval.txt")
 """
 
+from . import gemma3, smollm2
 from .fixture import SEED, degrid
 from .gemma3 import build_gemma_model
 from .smollm2 import (GGUF_NAME, MODEL_DIR_NAME, build_test_model, llama_config, read_gguf_state_dict, source_gguf,
@@ -26,8 +27,11 @@ from .smollm2 import (GGUF_NAME, MODEL_DIR_NAME, build_test_model, llama_config,
 from .wikitext import (build_test_text, clean_wiki_text, cleaned_text, filter_wiki, source_wiki_dump,
                        wiki_articles)
 
+# By the name `mixquant fixture --model` takes.
+TEST_MODELS = {"smollm2": smollm2.MODEL, "gemma3": gemma3.MODEL}
+
 __all__ = [
     "MODEL_DIR_NAME", "GGUF_NAME", "SEED", "source_gguf", "source_wiki_dump", "read_gguf_state_dict", "llama_config",
     "unpermute", "degrid", "build_test_model", "build_gemma_model", "filter_wiki", "clean_wiki_text", "wiki_articles",
-    "cleaned_text", "build_test_text",
+    "cleaned_text", "build_test_text", "TEST_MODELS",
 ]
