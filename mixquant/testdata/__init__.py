@@ -22,10 +22,16 @@ Text: the gensim Wikipedia test extract, cleaned and split 60/40 (wikitext.py):
 from . import gemma3, smollm2
 from .fixture import SEED, degrid
 from .gemma3 import build_gemma_model
-from .smollm2 import (GGUF_NAME, MODEL_DIR_NAME, build_test_model, llama_config, read_gguf_state_dict, source_gguf,
-                      unpermute)
-from .wikitext import (build_test_text, clean_wiki_text, cleaned_text, filter_wiki, source_wiki_dump,
-                       wiki_articles)
+from .smollm2 import (
+    GGUF_NAME,
+    MODEL_DIR_NAME,
+    build_test_model,
+    llama_config,
+    read_gguf_state_dict,
+    source_gguf,
+    unpermute,
+)
+from .wikitext import build_test_text, clean_wiki_text, cleaned_text, filter_wiki, source_wiki_dump, wiki_articles
 
 # By the name `mixquant fixture --model` takes.
 TEST_MODELS = {"smollm2": smollm2.MODEL, "gemma3": gemma3.MODEL}

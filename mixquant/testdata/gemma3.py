@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cache import cache_dir
-from .fixture import SEED, TestModel, build_lock, float32_value, gguf_field, package_dir, write_atomic
+from .fixture import SEED, BundledModel, build_lock, float32_value, gguf_field, package_dir, write_atomic
 
 MODEL_DIR_NAME = "gemma3-270m"
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -126,8 +126,9 @@ def _check_tokenizer(tok, reader) -> None:
     model = json.loads(tok.backend_tokenizer.to_str())["model"]
     if model.get("type") != "BPE" or not model.get("merges") or not model.get("byte_fallback"):
         raise RuntimeError(f"expected a byte-fallback BPE tokenizer from {GGUF_NAME}, got {model.get('type')}")
-    if len(tok) != len(reader.fields["tokenizer.ggml.tokens"].data):
-        raise RuntimeError(f"the tokenizer has {len(tok)} tokens, the GGUF {len(reader.fields['tokenizer.ggml.tokens'].data)}")
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if len(tok) != n_vocab:
+        raise RuntimeError(f"the tokenizer has {len(tok)} tokens, the GGUF {n_vocab}")
 
 
 _BLOCK_NAMES = {
@@ -146,7 +147,7 @@ _BLOCK_NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 
-MODEL = TestModel(
+MODEL = BundledModel(
     folder_name=MODEL_DIR_NAME,
     stamp={"recipe": 1, "source": GGUF_NAME, "sha256": GGUF_SHA256, "seed": SEED},
     source=source_gguf,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fixture import SEED, TestModel, float32_value, gguf_field, package_dir
+from .fixture import SEED, BundledModel, float32_value, gguf_field, package_dir
 
 MODEL_DIR_NAME = "smollm2-135m"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,7 +117,7 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 
-MODEL = TestModel(
+MODEL = BundledModel(
     folder_name=MODEL_DIR_NAME,
     stamp={"recipe": 2, "source": GGUF_NAME, "seed": SEED},
     source=source_gguf,

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import bz2
 import re
+from collections.abc import Iterator
 from html.entities import name2codepoint
 from pathlib import Path
-from typing import Iterator
 from xml.etree.ElementTree import iterparse
 
 from ..cache import cache_dir
