@@ -134,9 +134,15 @@ def test_export_is_convert_hf_to_gguf_s(family):
         hf = p.detach().numpy()
         x = src.tensor(tname)
         np.testing.assert_array_equal(stored[tname].reshape(x.shape), x)
-        np.testing.assert_array_equal(src.adapter.from_gguf(tname, x, src.model), hf)
+        back = src.adapter.from_gguf(tname, x, src.model)
         if name == "gemma3" and tname.endswith("norm.weight"):
+            # stored as float32(1 + w), as the converter stores it; back = that - 1 exactly, so the
+            # model computes x * (1 + back) = x * stored, as llama.cpp does
             np.testing.assert_array_equal(x, hf + np.float32(1))
+            np.testing.assert_array_equal(np.float32(1) + back, x)
+            np.testing.assert_allclose(back, hf, rtol=0, atol=2 ** -23)
+        else:
+            np.testing.assert_array_equal(back, hf)
     kv = src.metadata
     if name == "gemma3":
         assert "output.weight" not in stored and "blk.0.post_ffw_norm.weight" in stored
