@@ -487,6 +487,8 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         raise MixquantError(f"{hf_folder}: calibration needs a Hugging Face model folder")
     info, adapter = source.model, source.adapter
     source.close()
+    if not adapter.calibrates:
+        raise MixquantError(f"{hf_folder}: calibrating {adapter.name} (mixture-of-experts) models is not supported yet")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_folder, local_files_only=True)

@@ -360,6 +360,7 @@ class HFSource(Source):
         self.n_embd = need(["hidden_size", "n_embd", "dim"])
         self.n_head = need(["num_attention_heads", "n_head", "n_heads"])
         self.n_head_kv = int(_find_hparam(hp, ["num_key_value_heads", "n_kv_heads"]) or self.n_head)
+        self.n_expert = int(_find_hparam(hp, ["num_local_experts", "num_experts", "n_routed_experts"]) or 0)
         need(["intermediate_size"])
         self.vocab_size = need(["vocab_size"])
         # transformers' default where config.json leaves it out (Gemma 3 ties by default)
@@ -371,7 +372,7 @@ class HFSource(Source):
         self._loaders: dict[str, Callable[[], np.ndarray]] = {}
         self._types: dict[str, str] = {}
         shape = ModelInfo(arch=self.arch, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
-                          n_expert=0, n_embd=self.n_embd, tied_output=self.tied)
+                          n_expert=self.n_expert, n_embd=self.n_embd, tied_output=self.tied)
         self.model = replace(shape, tensors=self._map_tensors(shape))
 
     # -- config -----------------------------------------------------------------------------
@@ -443,25 +444,30 @@ class HFSource(Source):
         adapter = self.adapter
         tmap = adapter.tensor_map(self.n_layer)
         mapped: dict[str, tuple[str, _StEntry]] = {}
+        experts: dict[str, dict[int, tuple[str, _StEntry]]] = {}  # GGUF name -> {expert: tensor}
         for hf_name, entry in self._entries.items():
             if adapter.skips(hf_name):
                 continue
             if self.tied and hf_name.replace("language_model.", "") in ("lm_head.weight", "model.lm_head.weight"):
                 continue  # tied: llama.cpp reuses token_embd, no output.weight
-            new = adapter.gguf_name(hf_name, tmap)
+            stacked, expert = adapter.expert_of(hf_name)
+            new = adapter.gguf_name(stacked, tmap)
             if new is None:
                 raise MixquantError(f"{entry.file}: cannot map tensor {hf_name!r} to a GGUF name for {self.arch}")
-            if new in mapped:
-                raise MixquantError(f"{entry.file}: tensors {mapped[new][0]!r} and {hf_name!r} both map to {new}")
+            if new in mapped or expert in experts.get(new, {}):
+                raise MixquantError(f"{entry.file}: two tensors map to {new}, e.g. {hf_name!r}")
             if entry.dtype not in _FLOAT_SAFETENSORS:
                 raise MixquantError(
                     f"{entry.file}: tensor {hf_name} has dtype {entry.dtype}; only F32, F16 and BF16 are supported"
                 )
             if (why := adapter.check_shape(new, entry.shape, shape)) is not None:
                 raise MixquantError(f"{entry.file}: {why}")
-            mapped[new] = (hf_name, entry)
+            if expert is None:
+                mapped[new] = (hf_name, entry)
+            else:
+                experts.setdefault(new, {})[expert] = (hf_name, entry)
 
-        missing = [n for n in adapter.required_tensors(shape) if n not in mapped]
+        missing = [n for n in adapter.required_tensors(shape) if n not in mapped and n not in experts]
         if missing:
             where = self.path / "model.safetensors.index.json" if (self.path / "model.safetensors.index.json").is_file() \
                 else self._first_file()
@@ -475,7 +481,16 @@ class HFSource(Source):
                 else entry.dtype
             infos[name] = TensorInfo(name, entry.shape, dtype)
             self._types[name] = entry.dtype
-            self._loaders[name] = self._loader(name, hf_name, entry, shape)
+            self._loaders[name] = self._loader(name, [(hf_name, entry)], shape)
+        for name, by_expert in experts.items():  # one 3-D tensor of all experts, as the converter stacks them
+            parts = [by_expert[e] for e in sorted(by_expert)]
+            dtypes, shapes = {e.dtype for _, e in parts}, {e.shape for _, e in parts}
+            if sorted(by_expert) != list(range(self.n_expert)) or len(dtypes) > 1 or len(shapes) > 1:
+                raise MixquantError(f"{parts[0][1].file}: the experts of {name} are not {self.n_expert} tensors "
+                                    "of one shape and type")
+            infos[name] = TensorInfo(name, (self.n_expert, *parts[0][1].shape), parts[0][1].dtype)
+            self._types[name] = parts[0][1].dtype
+            self._loaders[name] = self._loader(name, parts, shape)
         for name, load in adapter.derived_tensors(self).items():
             infos[name] = TensorInfo(name, load().shape, "F32")
             self._types[name] = "F32"
@@ -485,10 +500,13 @@ class HFSource(Source):
     def _first_file(self) -> Path:
         return next(iter(self._entries.values())).file if self._entries else self.path
 
-    def _loader(self, name: str, hf_name: str, entry: _StEntry, shape: ModelInfo) -> Callable[[], np.ndarray]:
+    def _loader(self, name: str, parts: list[tuple[str, _StEntry]], shape: ModelInfo) -> Callable[[], np.ndarray]:
+        """Read one checkpoint tensor (or stack several: experts) and convert it to GGUF values."""
         def load() -> np.ndarray:
-            x = np.ascontiguousarray(self.adapter.to_gguf(name, self._read(entry), shape), dtype=np.float32)
-            _check_finite(x, f"{name} ({hf_name})", entry.file)
+            xs = [self._read(entry) for _, entry in parts]
+            x = xs[0] if len(xs) == 1 else np.stack(xs)
+            x = np.ascontiguousarray(self.adapter.to_gguf(name, x, shape), dtype=np.float32)
+            _check_finite(x, f"{name} ({parts[0][0]})", parts[0][1].file)
             return x
 
         return load
@@ -581,6 +599,10 @@ class HFSource(Source):
             w.add_rope_freq_base_swa(local_theta)
         if (eps := _find_hparam(hp, ["rms_norm_eps", "norm_eps"])) is not None:
             w.add_layer_norm_rms_eps(eps)
+        if (n_experts := _find_hparam(hp, ["num_local_experts", "num_experts", "n_routed_experts"])) is not None:
+            w.add_expert_count(n_experts)
+        if (n_used := _find_hparam(hp, ["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])) is not None:
+            w.add_expert_used_count(n_used)
         if (head_dim := hp.get("head_dim")) is not None:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)

@@ -180,8 +180,11 @@ def analyze(
         tf = time.perf_counter()
         fisher_diag = None
         if fisher:
+            # whole parameters only: a view into a fused one (MoE experts' gate/up) has no gradient of
+            # its own; those pairs get no Fisher estimate
             fisher_diag = measurer.runner.fisher({n: measurer.params[n] for n, c, _ in plan
-                                                  if c and n in measurer.params}, progress)
+                                                  if c and isinstance(measurer.params.get(n), torch.nn.Parameter)},
+                                                 progress)
         settings["seconds_fisher"] = round(time.perf_counter() - tf, 2)
 
         n_quant = sum(len(c) for _, c, _ in plan)

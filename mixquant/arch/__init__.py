@@ -4,7 +4,7 @@
     adapter.name                             # "llama": the GGUF architecture
     adapter.to_gguf(name, x, info)           # checkpoint values -> GGUF values (q/k permutation, ...)
 
-The contract is `base.Adapter`; `llama` (llama, mistral), `qwen` (qwen2, qwen3), `gemma3`, `phi3`.
+The contract is `base.Adapter`; `llama` (llama, mistral), `qwen` (qwen2, qwen3, qwen3moe), `gemma3`, `phi3`.
 """
 
 from . import llama, qwen, gemma3, phi3  # noqa: F401, I001 - registers the adapters, in this order

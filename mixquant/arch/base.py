@@ -44,6 +44,7 @@ INPUT_GROUPS: dict[str, str] = {
 # the order of a block's activation keys (then the residual stream leaving it)
 BLOCK_INPUTS = ("attn_in", "attn_output_in", "ffn_in", "ffn_down_in", "residual")
 
+_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(.*)")
 _LLAMA_BLOCK = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                 "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
@@ -76,6 +77,9 @@ class Adapter:
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     permute_qk: ClassVar[bool] = False  # convert_hf_to_gguf permutes q/k rows (llama rope)
     norm_shift: ClassVar[float] = 0.0  # added to every *norm.weight on export (Gemma's 1 + w)
+    # calibrate collects every weight llama-imatrix does (not yet for mixture-of-experts layers,
+    # whose experts are no nn.Linear in transformers)
+    calibrates: ClassVar[bool] = True
     block_tensors: ClassVar[tuple[str, ...]] = _LLAMA_BLOCK  # required in every block
     derived: ClassVar[frozenset[str]] = frozenset()  # GGUF tensors computed from config.json
     input_groups: ClassVar[dict[str, str]] = INPUT_GROUPS
@@ -102,6 +106,13 @@ class Adapter:
     def skips(self, hf_name: str) -> bool:
         """Checkpoint entries that are not weights (buffers saved by old transformers versions)."""
         return hf_name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq"))
+
+    def expert_of(self, hf_name: str) -> tuple[str, int | None]:
+        """A per-expert checkpoint tensor ("...mlp.experts.3.up_proj.weight") -> the name of the
+        stacked tensor it is a slice of ("...mlp.experts.up_proj.weight") and its expert index;
+        other tensors -> (hf_name, None)."""
+        m = _EXPERT.fullmatch(hf_name)
+        return (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (hf_name, None)
 
     def gguf_name(self, hf_name: str, tmap: gguf.TensorNameMap) -> str | None:
         """The GGUF tensor name of a checkpoint tensor or transformers parameter (None: unknown)."""
@@ -179,21 +190,27 @@ class Adapter:
 
     # -- transformers -------------------------------------------------------------------------
 
-    def parameters(self, model: torch.nn.Module, info: ModelInfo) -> dict[str, torch.nn.Parameter]:
-        """GGUF tensor name -> the transformers parameter holding it (a tied output appears once);
-        every tensor of `info` except `derived` ones must have one."""
+    def parameters(self, model: torch.nn.Module, info: ModelInfo) -> dict[str, torch.Tensor]:
+        """GGUF tensor name -> the transformers parameter holding it, or the view of one that does
+        (a fused parameter split as GGUF splits it); a tied output appears once. Every tensor of
+        `info` except `derived` ones must have one."""
         tmap = self.tensor_map(info.n_layer)
         out = {}
-        for hf_name, p in model.named_parameters():
-            name = self.gguf_name(hf_name, tmap)
-            if name is None:
-                raise MixquantError(f"cannot map parameter {hf_name!r} to a GGUF tensor name for {self.name}")
-            out[name] = p
+        for full_name, param in model.named_parameters():
+            for hf_name, p in self.split_parameter(full_name, param):
+                name = self.gguf_name(hf_name, tmap)
+                if name is None:
+                    raise MixquantError(f"cannot map parameter {hf_name!r} to a GGUF tensor name for {self.name}")
+                out[name] = p
         expected = {t.name for t in info.tensors} - self.derived
         if set(out) != expected:
             odd = sorted(set(out) ^ expected)
             raise MixquantError(f"transformers' parameters and the checkpoint's tensors differ: {', '.join(odd[:3])}")
         return out
+
+    def split_parameter(self, hf_name: str, p: torch.nn.Parameter) -> list[tuple[str, torch.Tensor]]:
+        """A transformers parameter -> (checkpoint-style name, tensor) of each GGUF tensor it holds."""
+        return [(hf_name, p)]
 
     def linear_modules(self, model: torch.nn.Module, n_layer: int) -> dict[str, str]:
         """nn.Linear module name -> the GGUF weight it multiplies by."""
