@@ -119,7 +119,13 @@ runner and the swap-and-rerun measurer), `run` (`analyze`: the orchestration of 
 """
 
 from .measure import _Runner  # noqa: F401 - the runner, for tests and benchmarks
-from .run import DEFAULT_CTX, DEFAULT_PROBES, DEFAULT_SWEEP_TYPES, DEFAULT_WINDOWS, analyze
+from .run import (
+    DEFAULT_CTX,
+    DEFAULT_PROBES,
+    DEFAULT_SWEEP_TYPES,
+    DEFAULT_WINDOWS,
+    analyze,
+)
 from .sensitivity import (
     SCHEMA,
     LayerResult,

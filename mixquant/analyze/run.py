@@ -15,7 +15,14 @@ from ..calibrate import weight_distribution
 from ..errors import MixquantError
 from ..plan import layer_of
 from .measure import _Measurer, setup_measurer
-from .sensitivity import LayerResult, Sensitivity, TensorSensitivity, TypeCost, candidate_types, predicted_error
+from .sensitivity import (
+    LayerResult,
+    Sensitivity,
+    TensorSensitivity,
+    TypeCost,
+    candidate_types,
+    predicted_error,
+)
 
 if TYPE_CHECKING:
     import torch

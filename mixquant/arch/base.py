@@ -247,7 +247,10 @@ class Adapter:
 
     @staticmethod
     def _masks(config: Any, embeds: torch.Tensor, position_ids: torch.Tensor, n_layer: int) -> list[Any]:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
 
         kinds = getattr(config, "layer_types", None) or ["full_attention"] * n_layer
         makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
