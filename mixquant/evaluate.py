@@ -426,11 +426,16 @@ class Evaluator:
         except MixquantError as exc:
             raise MixquantError(f"{self.folder}: {exc}") from None
 
+    def _to_hf(self, name: str, x: np.ndarray) -> np.ndarray:
+        """A tensor in GGUF orientation and values -> the transformers parameter's (the adapter's
+        inverse of the conversion: q/k rows un-permuted, Gemma's norm shift taken off)."""
+        return self.source.adapter.from_gguf(name, x, self.source.model)
+
     def _set(self, name: str, x: np.ndarray) -> None:
         import torch
 
         p = self.params[name]
-        x = self.source.adapter.from_gguf(name, np.ascontiguousarray(x, dtype=np.float32), self.source.model)
+        x = self._to_hf(name, np.ascontiguousarray(x, dtype=np.float32))
         if tuple(x.shape) != tuple(p.shape):
             raise MixquantError(f"tensor {name}: shape {tuple(x.shape)} does not fit the model's {tuple(p.shape)}")
         with torch.no_grad():
