@@ -236,7 +236,8 @@ def test_imatrix_agrees_with_llama_imatrix(family, tmp_path):
                           / np.maximum(theirs.importance(n).astype(np.float64), 1e-30) for n in theirs.names])
     print(f"\n{name}: imatrix vs llama-imatrix, {rel.size} columns: median {np.median(rel):.2e}, "
           f"p99 {np.quantile(rel, 0.99):.2e}")
-    assert np.median(rel) < 1e-3 and np.quantile(rel, 0.99) < 1e-2
+    # measured: gemma3 median 4.6e-5, p99 5.7e-4 (llama.cpp's GELU reads a float16 table); phi3 4.2e-6, 6.0e-5
+    assert np.median(rel) < 2e-4 and np.quantile(rel, 0.99) < 3e-3
     # the activation statistics follow the adapter's input groups: q/k/v (or qkv) share one
     last = src.model.n_layer - 1
     assert {"blk.0.attn_in", "blk.0.ffn_in", "blk.0.ffn_down_in", f"blk.{last}.residual", "output_in"} \
