@@ -363,17 +363,19 @@ class HFSource(Source):
         self.n_expert = int(_find_hparam(hp, ["num_local_experts", "num_experts", "n_routed_experts"]) or 0)
         need(["intermediate_size"])
         self.vocab_size = need(["vocab_size"])
-        # transformers' default where config.json leaves it out (Gemma 3 ties by default)
-        self.tied = bool(hp.get("tie_word_embeddings", self.hparams.get("tie_word_embeddings", False)))
+        tied = hp.get("tie_word_embeddings")
+        if tied is None:  # transformers' default where config.json leaves it out (Gemma 3 ties by default)
+            tied = self.hparams.get("tie_word_embeddings", False)
+        self.tied = bool(tied)
 
         self._check_tokenizer(folder)
         self._entries = self._scan_weights(folder)
         self._maps: dict[Path, np.memmap] = {}
         self._loaders: dict[str, Callable[[], np.ndarray]] = {}
         self._types: dict[str, str] = {}
-        shape = ModelInfo(arch=self.arch, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
-                          n_expert=self.n_expert, n_embd=self.n_embd, tied_output=self.tied)
-        self.model = replace(shape, tensors=self._map_tensors(shape))
+        dims = ModelInfo(arch=self.arch, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
+                         n_expert=self.n_expert, n_embd=self.n_embd, tied_output=self.tied)  # no tensors yet
+        self.model = replace(dims, tensors=self._map_tensors(dims))
 
     # -- config -----------------------------------------------------------------------------
 
@@ -440,7 +442,7 @@ class HFSource(Source):
                 )
         return entries
 
-    def _map_tensors(self, shape: ModelInfo) -> list[TensorInfo]:
+    def _map_tensors(self, dims: ModelInfo) -> list[TensorInfo]:
         adapter = self.adapter
         tmap = adapter.tensor_map(self.n_layer)
         mapped: dict[str, tuple[str, _StEntry]] = {}
@@ -460,14 +462,14 @@ class HFSource(Source):
                 raise MixquantError(
                     f"{entry.file}: tensor {hf_name} has dtype {entry.dtype}; only F32, F16 and BF16 are supported"
                 )
-            if (why := adapter.check_shape(new, entry.shape, shape)) is not None:
+            if (why := adapter.check_shape(new, entry.shape, dims)) is not None:
                 raise MixquantError(f"{entry.file}: {why}")
             if expert is None:
                 mapped[new] = (hf_name, entry)
             else:
                 experts.setdefault(new, {})[expert] = (hf_name, entry)
 
-        missing = [n for n in adapter.required_tensors(shape) if n not in mapped and n not in experts]
+        missing = [n for n in adapter.required_tensors(dims) if n not in mapped and n not in experts]
         if missing:
             where = self.path / "model.safetensors.index.json" if (self.path / "model.safetensors.index.json").is_file() \
                 else self._first_file()
@@ -481,7 +483,7 @@ class HFSource(Source):
                 else entry.dtype
             infos[name] = TensorInfo(name, entry.shape, dtype)
             self._types[name] = entry.dtype
-            self._loaders[name] = self._loader(name, [(hf_name, entry)], shape)
+            self._loaders[name] = self._loader(name, [(hf_name, entry)], dims)
         for name, by_expert in experts.items():  # one 3-D tensor of all experts, as the converter stacks them
             parts = [by_expert[e] for e in sorted(by_expert)]
             dtypes, shapes = {e.dtype for _, e in parts}, {e.shape for _, e in parts}
@@ -490,7 +492,7 @@ class HFSource(Source):
                                     "of one shape and type")
             infos[name] = TensorInfo(name, (self.n_expert, *parts[0][1].shape), parts[0][1].dtype)
             self._types[name] = parts[0][1].dtype
-            self._loaders[name] = self._loader(name, parts, shape)
+            self._loaders[name] = self._loader(name, parts, dims)
         for name, load in adapter.derived_tensors(self).items():
             infos[name] = TensorInfo(name, load().shape, "F32")
             self._types[name] = "F32"
@@ -500,12 +502,12 @@ class HFSource(Source):
     def _first_file(self) -> Path:
         return next(iter(self._entries.values())).file if self._entries else self.path
 
-    def _loader(self, name: str, parts: list[tuple[str, _StEntry]], shape: ModelInfo) -> Callable[[], np.ndarray]:
+    def _loader(self, name: str, parts: list[tuple[str, _StEntry]], dims: ModelInfo) -> Callable[[], np.ndarray]:
         """Read one checkpoint tensor (or stack several: experts) and convert it to GGUF values."""
         def load() -> np.ndarray:
             xs = [self._read(entry) for _, entry in parts]
             x = xs[0] if len(xs) == 1 else np.stack(xs)
-            x = np.ascontiguousarray(self.adapter.to_gguf(name, x, shape), dtype=np.float32)
+            x = np.ascontiguousarray(self.adapter.to_gguf(name, x, dims), dtype=np.float32)
             _check_finite(x, f"{name} ({parts[0][0]})", parts[0][1].file)
             return x
 

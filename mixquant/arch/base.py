@@ -75,7 +75,7 @@ class Adapter:
     hf_classes: ClassVar[tuple[str, ...]] = ()  # config.json "architectures"[0]
     model_types: ClassVar[tuple[str, ...]] = ()  # config.json "model_type", when "architectures" is absent
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
-    permute_qk: ClassVar[bool] = False  # convert_hf_to_gguf permutes q/k rows (llama rope)
+    permutes_qk: ClassVar[bool] = False  # convert_hf_to_gguf permutes q/k rows (llama rope)
     norm_shift: ClassVar[float] = 0.0  # added to every *norm.weight on export (Gemma's 1 + w)
     # calibrate collects every weight llama-imatrix does (not yet for mixture-of-experts layers,
     # whose experts are no nn.Linear in transformers)
@@ -126,7 +126,7 @@ class Adapter:
     # -- values -------------------------------------------------------------------------------
 
     def _qk_heads(self, name: str, info: ModelInfo) -> int | None:
-        if self.permute_qk and name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+        if self.permutes_qk and name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
             return info.n_head if ".attn_q." in name else info.n_head_kv
         return None
 

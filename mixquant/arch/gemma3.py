@@ -5,6 +5,7 @@ a tied output."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import gguf
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from gguf import GGUFWriter
 
     from ..source import HFSource
+
+_BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @register
@@ -45,8 +48,44 @@ class Gemma3(Adapter):
         w.add_head_count_kv(hp.get("num_key_value_heads", 4))
 
     def add_vocab(self, w: GGUFWriter, src: HFSource, tokenizer_config: dict[str, Any]) -> None:
-        if self._add_vocab_spm_or_gpt2(w, src):
-            w.add_add_space_prefix(False)
+        """Gemma3Model.set_vocab reads tokenizer.model (SentencePiece); from a tokenizer.json that is
+        SentencePiece's BPE (byte fallback), the same vocabulary: llama.cpp's "llama" tokenizer
+        merges by score, and SentencePiece stores its pieces in score order, so a normal piece's
+        score is minus its rank among the normal pieces (as in Google's own GGUF files); control
+        and user-defined pieces -1000, bytes 0. Other tokenizers: GPT-2 BPE."""
+        from ..source import _read_json
+
+        path = src.path / "tokenizer.json"
+        tok = _read_json(path, "tokenizer.json")
+        model = tok.get("model") or {}
+        if model.get("type") != "BPE" or not model.get("byte_fallback"):
+            src._add_vocab_gpt2(w)
+            return
+        vocab: dict[str, int] = model["vocab"]
+        added = {int(t["id"]): t for t in tok.get("added_tokens", [])}
+        n = max(src.vocab_size, max(vocab.values()) + 1, max(added, default=-1) + 1)
+        tokens = [f"[PAD{i}]" for i in range(n)]
+        types = [gguf.TokenType.UNUSED] * n
+        scores = [-1000.0] * n
+        for text, i in vocab.items():
+            tokens[i], types[i] = text, gguf.TokenType.NORMAL
+        for i, t in added.items():
+            tokens[i] = t["content"]
+            types[i] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+        rank = 0
+        for i in range(n):
+            if types[i] == gguf.TokenType.NORMAL:
+                if _BYTE.fullmatch(tokens[i]):
+                    types[i], scores[i] = gguf.TokenType.BYTE, 0.0
+                else:
+                    scores[i], rank = float(-rank), rank + 1
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        gguf.SpecialVocab(src.path, n_vocab=n).add_to_gguf(w, quiet=True)
+        w.add_add_space_prefix(False)
 
     def block_kwargs(self, decoder: torch.nn.Module, embeds: torch.Tensor,
                      position_ids: torch.Tensor) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ class Llama(Adapter):
     hf_classes = ("LlamaForCausalLM", "MistralForCausalLM")
     model_types = ("llama", "mistral")
     gguf_arch = gguf.MODEL_ARCH.LLAMA
-    permute_qk = True
+    permutes_qk = True
     derived = frozenset({"rope_freqs.weight"})
 
     def derived_tensors(self, src: HFSource) -> dict[str, Callable[[], np.ndarray]]:
