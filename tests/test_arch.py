@@ -294,3 +294,68 @@ def test_eval_matches_llama_perplexity(family, tmp_path):
     assert abs(ref / llama_f32 - 1) < 0.01
     assert abs(ours.ppl / llama_q4 - 1) < 0.01
     assert ours.kld_mean > 0 and math.isfinite(ours.kld_mean)
+
+
+def make_spm_bpe_tokenizer(folder: Path) -> Path:
+    """A tiny SentencePiece-style BPE tokenizer.json, laid out as Gemma's: spaces normalised to
+    "\u2581", byte fallback with the 256 byte pieces after the control tokens, then the learned
+    pieces in merge order (SentencePiece's score order)."""
+    import json
+
+    from conftest import random_text
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    trained = Tokenizer(models.BPE())
+    trained.normalizer = normalizers.Replace(" ", "\u2581")
+    trained.train_from_iterator([random_text(3000, 0)], trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    learned = json.loads(trained.to_str())["model"]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += sorted(learned["vocab"], key=learned["vocab"].get)
+    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[tuple(m) if isinstance(m, list)
+                                    else tuple(m.split(" ")) for m in learned["merges"]],
+                               byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(specials)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+         "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}))
+    return folder
+
+
+def test_gemma3_sentencepiece_vocabulary_tokenizes_as_transformers(tmp_path):
+    """A SentencePiece-BPE tokenizer.json (Gemma's kind) becomes llama.cpp's "llama" vocabulary
+    with scores in piece order: llama-tokenize on the exported GGUF gives transformers' tokens."""
+    import json
+
+    from conftest import random_text
+    from transformers import AutoTokenizer
+
+    from mixquant.export import write_gguf
+    from mixquant.plan import preset_plan
+    from mixquant.reference import llama_tool
+    from mixquant.source import open_source
+
+    tokenizer = make_spm_bpe_tokenizer(tmp_path / "tokenizer")
+    n_vocab = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+                           bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    folder = _save(Gemma3ForCausalLM(cfg).eval(), tmp_path / "model", tokenizer)
+    src = open_source(folder)
+    kv = src.metadata
+    assert kv["tokenizer.ggml.model"].value == "llama" and kv["tokenizer.ggml.add_space_prefix"].value is False
+    out = write_gguf(src, preset_plan(src.model, "F32"), tmp_path / "vocab.gguf", progress=False).path
+    text = tmp_path / "text.txt"
+    text.write_text(random_text(600, 7) + "Zebra  quiz, 42 \u00e9t\u00e9 \u2603!\n", encoding="utf-8")
+    done = subprocess.run([str(llama_tool("llama-tokenize")), "-m", str(out), "-f", str(text), "--ids", "--no-bos",
+                           "--no-escape", "--log-disable"], capture_output=True, text=True, check=True)
+    expected = json.loads(done.stdout.strip())
+    ids = AutoTokenizer.from_pretrained(folder)(text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    assert len(ids) > 500 and ids == expected
