@@ -190,7 +190,6 @@ _BLOCK = 1 << 17  # values per vectorised step: temporaries stay small and cache
 _BLOCK_ROWS = 256  # ... and float32 partial sums run over few rows (float64 from there on)
 
 
-
 def input_of(tensor_name: str, tied_output: bool = False, adapter: Adapter | None = None) -> str | None:
     """The `ActivationStats` key of the activation GGUF weight `tensor_name` multiplies:
     "blk.3.attn_in" for blk.3.attn_q/k/v.weight, "blk.3.attn_output_in", "blk.3.ffn_in" (gate, up),
