@@ -52,7 +52,9 @@ class Gemma3(Adapter):
         SentencePiece's BPE (byte fallback), the same vocabulary: llama.cpp's "llama" tokenizer
         merges by score, and SentencePiece stores its pieces in score order, so a normal piece's
         score is minus its rank among the normal pieces (as in Google's own GGUF files); control
-        and user-defined pieces -1000, bytes 0. Other tokenizers: GPT-2 BPE."""
+        and user-defined pieces -1000, bytes 0. Other tokenizers: GPT-2 BPE. On Gemma 3's
+        vocabulary this gives the pieces and types of Google's GGUF exactly, and its scores in the
+        same order (all llama.cpp compares)."""
         from ..source import _read_json
 
         path = src.path / "tokenizer.json"
@@ -72,13 +74,20 @@ class Gemma3(Adapter):
         for i, t in added.items():
             tokens[i] = t["content"]
             types[i] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+        # a SentencePiece model lists control and user-defined pieces first, then the 256 bytes,
+        # then the normal pieces by score: a vocabulary entry before the bytes is user-defined
+        # (Gemma's runs of spaces), stored with real spaces as SentencePiece writes them
+        first_byte = min((i for t, i in vocab.items() if _BYTE.fullmatch(t)), default=n)
         rank = 0
         for i in range(n):
-            if types[i] == gguf.TokenType.NORMAL:
-                if _BYTE.fullmatch(tokens[i]):
-                    types[i], scores[i] = gguf.TokenType.BYTE, 0.0
-                else:
-                    scores[i], rank = float(-rank), rank + 1
+            if types[i] != gguf.TokenType.NORMAL:
+                continue
+            if _BYTE.fullmatch(tokens[i]):
+                types[i], scores[i] = gguf.TokenType.BYTE, 0.0
+            elif i < first_byte:
+                types[i], tokens[i] = gguf.TokenType.USER_DEFINED, tokens[i].replace("\u2581", " ")
+            else:
+                scores[i], rank = float(-rank), rank + 1
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
