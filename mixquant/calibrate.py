@@ -52,12 +52,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .arch import BLOCK_INPUTS, for_gguf_arch
 from .errors import MixquantError
 from .text import read_bytes, read_json, write_json
+
+if TYPE_CHECKING:
+    from .arch import Adapter
 
 __all__ = [
     "ACTIVATIONS_SCHEMA",
@@ -185,32 +189,20 @@ TOP_CHANNELS = 8
 _BLOCK = 1 << 17  # values per vectorised step: temporaries stay small and cache-sized ...
 _BLOCK_ROWS = 256  # ... and float32 partial sums run over few rows (float64 from there on)
 
-# GGUF weight kind -> the input it multiplies (q/k/v read one tensor, gate/up another); then the
-# residual stream leaving the block. This is also the order of keys within a block.
-_INPUT_OF = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_qkv": "attn_in",
-             "attn_output": "attn_output_in", "ffn_gate": "ffn_in", "ffn_up": "ffn_in",
-             "ffn_down": "ffn_down_in"}
-_BLOCK_KEYS = ("attn_in", "attn_output_in", "ffn_in", "ffn_down_in", "residual")
 
-
-def input_of(tensor_name: str, tied_output: bool = False) -> str | None:
+def input_of(tensor_name: str, tied_output: bool = False, adapter: Adapter | None = None) -> str | None:
     """The `ActivationStats` key of the activation GGUF weight `tensor_name` multiplies:
     "blk.3.attn_in" for blk.3.attn_q/k/v.weight, "blk.3.attn_output_in", "blk.3.ffn_in" (gate, up),
     "blk.3.ffn_down_in"; "output_in" for output.weight and, when the output is tied, for
-    token_embd.weight. None for tensors that multiply no activation (norms, an untied token_embd)."""
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tensor_name)
-    if m:
-        kind = _INPUT_OF.get(m.group(2))
-        return f"blk.{m.group(1)}.{kind}" if kind else None
-    if tensor_name == "output.weight" or (tied_output and tensor_name == "token_embd.weight"):
-        return "output_in"
-    return None
+    token_embd.weight. None for tensors that multiply no activation (norms, an untied token_embd).
+    Which weights share an input is the architecture's (`Adapter.input_groups`; default llama's)."""
+    return (adapter or for_gguf_arch("llama")).input_of(tensor_name, tied_output)
 
 
 def _key_order(key: str) -> tuple[int, int]:
-    """Blocks in order, each as _BLOCK_KEYS; output_in last."""
+    """Blocks in order, each as arch.BLOCK_INPUTS; output_in last."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", key)
-    return (int(m.group(1)), _BLOCK_KEYS.index(m.group(2))) if m else (sys.maxsize, 0)
+    return (int(m.group(1)), BLOCK_INPUTS.index(m.group(2))) if m else (sys.maxsize, 0)
 
 
 @dataclass
@@ -428,26 +420,6 @@ class ActivationStats:
 # computing it with transformers
 
 
-def _gguf_names(model, arch: str, n_layer: int) -> dict[str, str]:
-    """nn.Linear module name -> GGUF weight name, the mapping convert_hf_to_gguf.py applies."""
-    import gguf
-    import torch
-
-    by_name = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
-    if arch not in by_name:
-        raise MixquantError(f"unsupported architecture {arch!r}")
-    tmap = gguf.get_tensor_name_map(by_name[arch], n_layer)
-    out = {}
-    for module_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        hf_name = module_name.replace("language_model.", "") + ".weight"
-        gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is not None:
-            out[module_name] = gguf_name
-    return out
-
-
 _F16_KV = "mixquant_sdpa_f16_kv"
 
 
@@ -512,8 +484,10 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
     source = open_source(hf_folder)
     if source.kind != "hf":
         raise MixquantError(f"{hf_folder}: calibration needs a Hugging Face model folder")
-    info = source.model
+    info, adapter = source.model, source.adapter
     source.close()
+    if not adapter.calibrates:
+        raise MixquantError(f"{hf_folder}: calibrating {adapter.name} (mixture-of-experts) models is not supported yet")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_folder, local_files_only=True)
@@ -534,7 +508,7 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
     except Exception as exc:  # noqa: BLE001
         raise MixquantError(f"{hf_folder}: transformers cannot load the model: {exc}") from None
     model.eval()
-    names = _gguf_names(model, info.arch, info.n_layer)
+    names = adapter.linear_modules(model, info.n_layer)
     collect = {m: n for m, n in names.items() if n.startswith("blk.")}
     output_name = None  # the imatrix entry for the output layer's input, if any
     if output_importance or (process_output and not info.tied_output):
@@ -573,7 +547,7 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         return key
 
     def linear_hook(gguf_name: str):
-        key = stream(input_of(gguf_name))
+        key = stream(adapter.input_of(gguf_name))
 
         def hook(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1])

@@ -58,14 +58,26 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Union
 
 import gguf
 import numpy as np
 
+from .arch import unpermute_qk
 from .cache import cache_dir
 from .errors import MixquantError
 from .source import quiet_transformers
+
+if TYPE_CHECKING:
+    import torch
+
+    from .calibrate import Imatrix
+    from .plan import ModelInfo, Plan
+    from .source import Source
+
+    # an importance matrix, or {GGUF name: importance vector}
+    Importance = Union[Imatrix, Mapping[str, np.ndarray]]
+    ModelRef = Union[Source, str, os.PathLike[str]]  # an opened source or its Hugging Face folder
 
 __all__ = [
     "EvalResult",
@@ -90,10 +102,6 @@ _CACHE_VERSION = 2
 # the stored log-probs span at most this many nats below each position's most likely token
 _LOGPROB_SPAN = 40.0
 _CODE_MAX = 65535
-# arches whose q/k rows convert_hf_to_gguf.py permutes (source.py's _PERMUTE_QK)
-_PERMUTE_QK = {"llama"}
-# GGUF tensors llama.cpp computes from that have no transformers parameter (derived from config.json)
-_DERIVED = {"rope_freqs.weight"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,17 +149,7 @@ class EvalResult:
 # helpers
 
 
-def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
-    """Inverse of `source.permute_qk` (convert_hf_to_gguf's LlamaModel.permute) for `heads` heads:
-    ggml's interleaved rope pairs back to Hugging Face's rotate-half row order."""
-    if w.shape[0] % (2 * heads):
-        raise MixquantError(f"cannot un-permute {w.shape[0]} rows for {heads} heads")
-    return np.ascontiguousarray(
-        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
-
-
-def _importance(imatrix: Any, name: str) -> np.ndarray | None:
+def _importance(imatrix: Importance | None, name: str) -> np.ndarray | None:
     """An importance vector from an Imatrix (`.importance(name)`) or a {name: vector} dict."""
     if imatrix is None:
         return None
@@ -338,7 +336,7 @@ class Evaluator:
 
     def __init__(
         self,
-        src: Any,
+        src: ModelRef,
         text: str | os.PathLike[str],
         *,
         ctx: int = DEFAULT_CTX,
@@ -421,33 +419,17 @@ class Evaluator:
         assert self._params is not None
         return self._params
 
-    def _map_parameters(self, model) -> dict[str, Any]:
+    def _map_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """GGUF tensor name -> the transformers parameter holding it (tied ones appear once)."""
-        info = self.source.model
-        arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}.get(info.arch)
-        if arch is None:
-            raise MixquantError(f"{self.folder}: unsupported architecture {info.arch!r}")
-        tmap = gguf.get_tensor_name_map(arch, info.n_layer)
-        out: dict[str, Any] = {}
-        for hf_name, p in model.named_parameters():
-            name = tmap.get_name(hf_name.replace("language_model.", ""), try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise MixquantError(f"{self.folder}: cannot map parameter {hf_name!r} to a GGUF tensor name")
-            out[name] = p
-        expected = {t.name for t in info.tensors} - _DERIVED
-        if set(out) != expected:
-            odd = sorted(set(out) ^ expected)
-            raise MixquantError(f"{self.folder}: transformers' parameters and the checkpoint's tensors differ: "
-                                f"{', '.join(odd[:3])}")
-        return out
+        try:
+            return self.source.adapter.parameters(model, self.source.model)
+        except MixquantError as exc:
+            raise MixquantError(f"{self.folder}: {exc}") from None
 
     def _to_hf(self, name: str, x: np.ndarray) -> np.ndarray:
-        """A tensor in GGUF orientation (numpy shape) -> the transformers parameter's layout."""
-        info = self.source.model
-        if info.arch in _PERMUTE_QK and name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
-            heads = info.n_head if ".attn_q." in name else info.n_head_kv
-            x = unpermute_qk(x, heads)
-        return x
+        """A tensor in GGUF orientation and values -> the transformers parameter's (the adapter's
+        inverse of the conversion: q/k rows un-permuted, Gemma's norm shift taken off)."""
+        return self.source.adapter.from_gguf(name, x, self.source.model)
 
     def _set(self, name: str, x: np.ndarray) -> None:
         import torch
@@ -492,7 +474,7 @@ class Evaluator:
 
     # -- forward passes ----------------------------------------------------------------------
 
-    def _logits(self, window) -> Any:
+    def _logits(self, window: torch.Tensor) -> torch.Tensor:
         """float32 logits (n_scored, n_vocab) at positions first .. ctx-2 of one window."""
         import torch
 
@@ -642,7 +624,8 @@ class Evaluator:
             cpu_activations=self.cpu_activations,
         )
 
-    def evaluate_plan(self, plan: Any, imatrix: Any = None, label: str | None = None) -> EvalResult:
+    def evaluate_plan(self, plan: Plan | Mapping[str, str] | str, imatrix: Importance | None = None,
+                      label: str | None = None) -> EvalResult:
         """Quantize the model in memory to `plan` (a Plan, a {name: type} dict, or a preset/type name
         for `plan.preset_plan`), with importance vectors from `imatrix` (an Imatrix or a dict), and
         evaluate it."""
@@ -712,14 +695,14 @@ class Evaluator:
         for name, t in tensors.items():
             tensor_bytes += int(t.n_bytes)
             n_el += int(t.n_elements)
-            if name in _DERIVED:
+            if name in self.source.adapter.derived:
                 continue
             self._set(name, _dequantize(path, t))
         types = {name: t.tensor_type.name for name, t in tensors.items()}
         return self._score(label, "gguf", path.stat().st_size, 8.0 * tensor_bytes / n_el if n_el else 0.0,
                            started, types)
 
-    def evaluate_item(self, item: str, imatrix: Any = None) -> EvalResult:
+    def evaluate_item(self, item: str, imatrix: Importance | None = None) -> EvalResult:
         """A GGUF file path (ends in .gguf, or names an existing file) or a preset/type name."""
         if is_gguf_item(item):
             return self.evaluate_gguf(item)
@@ -742,7 +725,7 @@ class Evaluator:
                 raise MixquantError(f"{path}: {arch}.{key} is {v} but the model has {want}; not this model's GGUF")
         want_shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         missing = sorted(set(want_shapes) - set(tensors))
-        extra = sorted(set(tensors) - set(want_shapes) - _DERIVED)
+        extra = sorted(set(tensors) - set(want_shapes) - self.source.adapter.derived)
         if missing or extra:
             parts = []
             if missing:
@@ -834,7 +817,7 @@ def is_gguf_item(item: str) -> bool:
     return p.suffix.lower() == ".gguf" or p.is_file() or os.sep in item
 
 
-def check_items(items: Iterable[str], model_info, imatrix: Any = None) -> None:
+def check_items(items: Iterable[str], model_info: ModelInfo, imatrix: Importance | None = None) -> None:
     """Validate compare's items before any slow work: GGUF paths exist, preset names are known and
     mixquant can write every type their plans use."""
     from . import formats
@@ -856,8 +839,8 @@ def check_items(items: Iterable[str], model_info, imatrix: Any = None) -> None:
                                 f"(supported: {', '.join(formats.FORMATS)})")
 
 
-def evaluate(src: Any, text: str | os.PathLike[str], *, gguf_path: str | os.PathLike[str] | None = None,
-             plan: Any = None, imatrix: Any = None, ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
+def evaluate(src: ModelRef, text: str | os.PathLike[str], *, gguf_path: str | os.PathLike[str] | None = None,
+             plan: Plan | Mapping[str, str] | str | None = None, imatrix: Importance | None = None, ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
              threads: int | None = None, progress: bool = True, cpu_activations: bool = False) -> EvalResult:
     """Evaluate one GGUF file or one plan against the float32 model (reference cached)."""
     if (gguf_path is None) == (plan is None):
@@ -869,7 +852,7 @@ def evaluate(src: Any, text: str | os.PathLike[str], *, gguf_path: str | os.Path
         return ev.evaluate_plan(plan, imatrix=imatrix)
 
 
-def compare(src: Any, items: Iterable[str], text: str | os.PathLike[str], *, imatrix: Any = None,
+def compare(src: ModelRef, items: Iterable[str], text: str | os.PathLike[str], *, imatrix: Importance | None = None,
             ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS, threads: int | None = None,
             progress: bool = True, cpu_activations: bool = False) -> list[EvalResult]:
     """Evaluate each item (a GGUF path or a preset/type name) against the same cached reference."""

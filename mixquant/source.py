@@ -6,8 +6,9 @@
     src.metadata               -> {GGUF key: GGUFValue}: hyperparameters and tokenizer, ready to write
 
 A Hugging Face folder is read the way llama.cpp's convert_hf_to_gguf.py reads it (names mapped
-with gguf's TensorNameMap, q/k rows permuted for llama rope, the same metadata keys); a GGUF file
-is passed through, with already-quantized tensors dequantized only when asked to.
+with gguf's TensorNameMap, q/k rows permuted for llama rope, the same metadata keys: what differs
+between families is asked of the architecture's adapter, `mixquant.arch`); a GGUF file is passed
+through, with already-quantized tensors dequantized only when asked to.
 """
 
 from __future__ import annotations
@@ -19,36 +20,28 @@ import mmap
 import struct
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.gguf_writer import GGUFValue
 
+from . import arch as arches
+from .arch import permute_qk
 from .errors import MixquantError
 from .plan import ModelInfo, TensorInfo
 
-__all__ = ["Source", "HFSource", "GGUFSource", "open_source", "SUPPORTED_ARCHITECTURES"]
+if TYPE_CHECKING:
+    from .arch import Adapter
+
+__all__ = ["Source", "HFSource", "GGUFSource", "open_source", "permute_qk"]
 
 logger = logging.getLogger(__name__)
-
-# Hugging Face class name -> GGUF architecture (as convert_hf_to_gguf.py maps them).
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-# config.json model_type -> GGUF architecture, used when "architectures" is absent.
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-_GGUF_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
-# llama.cpp's LlamaModel undoes HF's rope layout by permuting q/k rows; Qwen models need no permutation.
-_PERMUTE_QK = {"llama"}
 
 # GGUF keys a writer owns: never copied from a source.
 _WRITER_KEYS = (
@@ -173,15 +166,6 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
-    """convert_hf_to_gguf's LlamaModel.permute: HF's rotate-half rows to ggml's interleaved rope pairs."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return np.ascontiguousarray(
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
-
-
 def _release(mapped: np.memmap, start: int, nbytes: int) -> None:
     """Drop a tensor's pages from this process once it is copied out: mapped file pages count in
     RSS until unmapped, so without this the whole model would end up resident."""
@@ -214,6 +198,7 @@ class Source:
     path: Path
     kind: str  # "hf" or "gguf"
     model: ModelInfo
+    adapter: Adapter  # what mixquant knows about the architecture (mixquant.arch)
     hf_folder: Path | None = None
 
     def tensor(self, name: str) -> np.ndarray:
@@ -361,7 +346,8 @@ class HFSource(Source):
         if isinstance(config.get("text_config"), dict):
             config = {**config, **config["text_config"]}
         self.config = config
-        self.arch = self._detect_arch(config, config_path)
+        self.adapter = arches.for_config(config, config_path)
+        self.arch = self.adapter.name
         hp = config  # structure from the raw file; transformers' defaults only matter for metadata
 
         def need(keys: list[str]) -> int:
@@ -374,42 +360,24 @@ class HFSource(Source):
         self.n_embd = need(["hidden_size", "n_embd", "dim"])
         self.n_head = need(["num_attention_heads", "n_head", "n_heads"])
         self.n_head_kv = int(_find_hparam(hp, ["num_key_value_heads", "n_kv_heads"]) or self.n_head)
+        self.n_expert = int(_find_hparam(hp, ["num_local_experts", "num_experts", "n_routed_experts"]) or 0)
         need(["intermediate_size"])
         self.vocab_size = need(["vocab_size"])
-        self.tied = bool(hp.get("tie_word_embeddings", False))
+        tied = hp.get("tie_word_embeddings")
+        if tied is None:  # transformers' default where config.json leaves it out (Gemma 3 ties by default)
+            tied = self.hparams.get("tie_word_embeddings", False)
+        self.tied = bool(tied)
 
         self._check_tokenizer(folder)
         self._entries = self._scan_weights(folder)
         self._maps: dict[Path, np.memmap] = {}
         self._loaders: dict[str, Callable[[], np.ndarray]] = {}
         self._types: dict[str, str] = {}
-        infos = self._map_tensors()
-        self.model = ModelInfo(
-            arch=self.arch, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
-            n_expert=0, n_embd=self.n_embd, tied_output=self.tied, tensors=infos,
-        )
+        dims = ModelInfo(arch=self.arch, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
+                         n_expert=self.n_expert, n_embd=self.n_embd, tied_output=self.tied)  # no tensors yet
+        self.model = replace(dims, tensors=self._map_tensors(dims))
 
     # -- config -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _detect_arch(config: dict, config_path: Path) -> str:
-        archs = config.get("architectures")
-        if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
-            raise MixquantError(f"{config_path}: malformed config.json: \"architectures\" must be a list of names")
-        if archs:
-            if archs[0] in SUPPORTED_ARCHITECTURES:
-                return SUPPORTED_ARCHITECTURES[archs[0]]
-            name = archs[0]
-        else:
-            model_type = config.get("model_type")
-            if model_type in _MODEL_TYPES:
-                return _MODEL_TYPES[model_type]
-            if model_type is None:
-                raise MixquantError(f"{config_path}: malformed config.json: neither \"architectures\" nor \"model_type\" is set")
-            name = f"model_type {model_type}"
-        raise MixquantError(
-            f"{config_path}: unsupported architecture {name!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
 
     @cached_property
     def hparams(self) -> dict:
@@ -474,36 +442,34 @@ class HFSource(Source):
                 )
         return entries
 
-    def _map_tensors(self) -> list[TensorInfo]:
-        arch = _GGUF_ARCHS[self.arch]
-        tmap = gguf.get_tensor_name_map(arch, self.n_layer)
+    def _map_tensors(self, dims: ModelInfo) -> list[TensorInfo]:
+        adapter = self.adapter
+        tmap = adapter.tensor_map(self.n_layer)
         mapped: dict[str, tuple[str, _StEntry]] = {}
+        experts: dict[str, dict[int, tuple[str, _StEntry]]] = {}  # GGUF name -> {expert: tensor}
         for hf_name, entry in self._entries.items():
-            name = hf_name.replace("language_model.", "")
-            if name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
+            if adapter.skips(hf_name):
                 continue
-            if self.tied and name in ("lm_head.weight", "model.lm_head.weight"):
+            if self.tied and hf_name.replace("language_model.", "") in ("lm_head.weight", "model.lm_head.weight"):
                 continue  # tied: llama.cpp reuses token_embd, no output.weight
-            new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+            stacked, expert = adapter.expert_of(hf_name)
+            new = adapter.gguf_name(stacked, tmap)
             if new is None:
                 raise MixquantError(f"{entry.file}: cannot map tensor {hf_name!r} to a GGUF name for {self.arch}")
-            if new in mapped:
-                raise MixquantError(f"{entry.file}: tensors {mapped[new][0]!r} and {hf_name!r} both map to {new}")
+            if new in mapped or expert in experts.get(new, {}):
+                raise MixquantError(f"{entry.file}: two tensors map to {new}, e.g. {hf_name!r}")
             if entry.dtype not in _FLOAT_SAFETENSORS:
                 raise MixquantError(
                     f"{entry.file}: tensor {hf_name} has dtype {entry.dtype}; only F32, F16 and BF16 are supported"
                 )
-            mapped[new] = (hf_name, entry)
+            if (why := adapter.check_shape(new, entry.shape, dims)) is not None:
+                raise MixquantError(f"{entry.file}: {why}")
+            if expert is None:
+                mapped[new] = (hf_name, entry)
+            else:
+                experts.setdefault(new, {})[expert] = (hf_name, entry)
 
-        required = ["token_embd.weight", "output_norm.weight"] + ([] if self.tied else ["output.weight"])
-        per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
-        per_layer = [f"{p}.weight" for p in per_layer]
-        if self.arch == "qwen2":
-            per_layer += ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
-        if self.arch == "qwen3":
-            per_layer += ["attn_q_norm.weight", "attn_k_norm.weight"]
-        required += [f"blk.{i}.{p}" for i in range(self.n_layer) for p in per_layer]
-        missing = [n for n in required if n not in mapped]
+        missing = [n for n in adapter.required_tensors(dims) if n not in mapped and n not in experts]
         if missing:
             where = self.path / "model.safetensors.index.json" if (self.path / "model.safetensors.index.json").is_file() \
                 else self._first_file()
@@ -511,44 +477,38 @@ class HFSource(Source):
             raise MixquantError(f"{where}: missing tensors: {', '.join(missing[:3])}{more}")
 
         infos: dict[str, TensorInfo] = {}
-        extra = self._rope_freqs()
         for name, (hf_name, entry) in mapped.items():
-            shape = self._gguf_shape(name, entry)
             # what convert_hf_to_gguf.py would store it as: norms and 1-D tensors always F32
-            dtype = "F32" if len(shape) <= 1 or name.endswith("_norm.weight") or entry.dtype == "F64" else entry.dtype
-            infos[name] = TensorInfo(name, shape, dtype)
+            dtype = "F32" if len(entry.shape) <= 1 or name.endswith("_norm.weight") or entry.dtype == "F64" \
+                else entry.dtype
+            infos[name] = TensorInfo(name, entry.shape, dtype)
             self._types[name] = entry.dtype
-            self._loaders[name] = self._loader(name, hf_name, entry)
-        if extra is not None:
-            infos["rope_freqs.weight"] = TensorInfo("rope_freqs.weight", extra.shape, "F32")
-            self._types["rope_freqs.weight"] = "F32"
-            self._loaders["rope_freqs.weight"] = lambda: extra.copy()
+            self._loaders[name] = self._loader(name, [(hf_name, entry)], dims)
+        for name, by_expert in experts.items():  # one 3-D tensor of all experts, as the converter stacks them
+            parts = [by_expert[e] for e in sorted(by_expert)]
+            dtypes, shapes = {e.dtype for _, e in parts}, {e.shape for _, e in parts}
+            if sorted(by_expert) != list(range(self.n_expert)) or len(dtypes) > 1 or len(shapes) > 1:
+                raise MixquantError(f"{parts[0][1].file}: the experts of {name} are not {self.n_expert} tensors "
+                                    "of one shape and type")
+            infos[name] = TensorInfo(name, (self.n_expert, *parts[0][1].shape), parts[0][1].dtype)
+            self._types[name] = parts[0][1].dtype
+            self._loaders[name] = self._loader(name, parts, dims)
+        for name, load in adapter.derived_tensors(self).items():
+            infos[name] = TensorInfo(name, load().shape, "F32")
+            self._types[name] = "F32"
+            self._loaders[name] = load
         return [infos[n] for n in sorted(infos, key=_tensor_order)]
 
     def _first_file(self) -> Path:
         return next(iter(self._entries.values())).file if self._entries else self.path
 
-    def _gguf_shape(self, name: str, entry: _StEntry) -> tuple[int, ...]:
-        shape = entry.shape
-        if name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")) and self.arch in _PERMUTE_QK:
-            heads = self.n_head if ".attn_q." in name else self.n_head_kv
-            if shape[0] % (2 * heads):
-                raise MixquantError(f"{entry.file}: tensor {name} has {shape[0]} rows, not divisible by 2 x {heads} heads")
-        return shape
-
-    def _loader(self, name: str, hf_name: str, entry: _StEntry) -> Callable[[], np.ndarray]:
-        permute = None
-        if self.arch in _PERMUTE_QK:
-            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                permute = (self.n_head, self.n_head)
-            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                permute = (self.n_head, self.n_head_kv)
-
+    def _loader(self, name: str, parts: list[tuple[str, _StEntry]], dims: ModelInfo) -> Callable[[], np.ndarray]:
+        """Read one checkpoint tensor (or stack several: experts) and convert it to GGUF values."""
         def load() -> np.ndarray:
-            x = self._read(entry)
-            if permute is not None:
-                x = permute_qk(x, *permute)
-            _check_finite(x, f"{name} ({hf_name})", entry.file)
+            xs = [self._read(entry) for _, entry in parts]
+            x = xs[0] if len(xs) == 1 else np.stack(xs)
+            x = np.ascontiguousarray(self.adapter.to_gguf(name, x, dims), dtype=np.float32)
+            _check_finite(x, f"{name} ({parts[0][0]})", parts[0][1].file)
             return x
 
         return load
@@ -561,36 +521,6 @@ class HFSource(Source):
         x = bf16_to_f32(raw) if entry.dtype == "BF16" else np.array(raw, dtype=np.float32, order="C")
         _release(mm, entry.start, entry.nbytes)
         return x
-
-    def _rope_freqs(self) -> np.ndarray | None:
-        """llama3 rope scaling: the rope_freqs.weight tensor LlamaModel.generate_extra_tensors adds."""
-        if self.arch != "llama":
-            return None
-        rp = _rope_parameters(self.config)
-        rp = rp.get("full_attention", rp)
-        if str(rp.get("rope_type", rp.get("type", ""))).lower() != "llama3":
-            return None
-        base = rp.get("rope_theta", 10000.0)
-        dim = self.config.get("head_dim") or self.n_embd // self.n_head
-        factor = rp.get("factor", 8.0)
-        low = rp.get("low_freq_factor", 1.0)
-        high = rp.get("high_freq_factor", 4.0)
-        old_ctx = rp.get("original_max_position_embeddings", 8192)
-        import torch  # the same float32 arithmetic as the converter
-
-        freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-        factors = []
-        for freq in freqs:
-            wavelen = 2 * math.pi / freq
-            if wavelen < high_wavelen:
-                factors.append(1)
-            elif wavelen > low_wavelen:
-                factors.append(factor)
-            else:
-                smooth = (old_ctx / wavelen - low) / (high - low)
-                factors.append(1 / ((1 - smooth) / factor + smooth))
-        return torch.tensor(factors, dtype=torch.float32).numpy()
 
     # -- API --------------------------------------------------------------------------------
 
@@ -628,7 +558,8 @@ class HFSource(Source):
         return kv
 
     def _add_hparams(self, w: gguf.GGUFWriter) -> None:
-        """TextModel.set_gguf_parameters (+ LlamaModel's additions) of convert_hf_to_gguf.py."""
+        """TextModel.set_gguf_parameters of convert_hf_to_gguf.py, then the family's own keys
+        (its model class's set_gguf_parameters: `Adapter.add_hparams`)."""
         hp = self.hparams
         w.add_block_count(self.n_layer)
         if (n_ctx := _find_hparam(hp, ["max_position_embeddings", "n_ctx", "n_positions", "max_length",
@@ -666,33 +597,33 @@ class HFSource(Source):
                 logger.warning("%s: unknown RoPE type %r, written without scaling", self.path, rope_type)
         if (theta := rp.get("rope_theta")) is not None:
             w.add_rope_freq_base(theta)
+        if (local_theta := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+            w.add_rope_freq_base_swa(local_theta)
         if (eps := _find_hparam(hp, ["rms_norm_eps", "norm_eps"])) is not None:
             w.add_layer_norm_rms_eps(eps)
+        if (n_experts := _find_hparam(hp, ["num_local_experts", "num_experts", "n_routed_experts"])) is not None:
+            w.add_expert_count(n_experts)
+        if (n_used := _find_hparam(hp, ["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])) is not None:
+            w.add_expert_used_count(n_used)
         if (head_dim := hp.get("head_dim")) is not None:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
-        if self.arch == "llama":
-            w.add_vocab_size(self.vocab_size)
-            w.add_rope_dimension_count(hp.get("head_dim") or self.n_embd // self.n_head)
+        gguf_log = logging.getLogger("gguf.gguf_writer")
+        level = gguf_log.level
+        gguf_log.setLevel(logging.ERROR)  # a family rewriting a generic key is expected, not a warning
+        try:
+            self.adapter.add_hparams(w, hp, self)
+        finally:
+            gguf_log.setLevel(level)
 
     def _add_vocab(self, w: gguf.GGUFWriter) -> None:
-        """LlamaModel.set_vocab / Qwen2Model.set_vocab: llama-hf BPE vocab if it is one, else GPT-2 BPE."""
+        """The family's set_vocab (`Adapter.add_vocab`)."""
         folder = self.path
         tokenizer_config = {}
         if (folder / "tokenizer_config.json").is_file():
             tokenizer_config = _read_json(folder / "tokenizer_config.json", "tokenizer_config.json")
         try:
-            if self.arch == "llama":
-                if (add_prefix_space := tokenizer_config.get("add_prefix_space")) is not None:
-                    w.add_add_space_prefix(add_prefix_space)
-                try:
-                    self._add_vocab_llama_hf(w)
-                except (FileNotFoundError, TypeError):
-                    self._add_vocab_gpt2(w)
-                if self.vocab_size == 49152:  # convert_hf_to_gguf: granite/SmolLM small vocab
-                    w.add_add_bos_token(False)
-            else:
-                self._add_vocab_gpt2(w)
+            self.adapter.add_vocab(w, self, tokenizer_config)
         except MixquantError:
             raise
         except Exception as exc:  # noqa: BLE001 - tokenizer libraries raise anything
@@ -840,8 +771,7 @@ class GGUFSource(Source):
         if arch_field is None:
             raise MixquantError(f"{path}: malformed GGUF: no general.architecture")
         arch = str(arch_field.contents())
-        if arch not in _GGUF_ARCHS:
-            raise MixquantError(f"{path}: unsupported architecture {arch!r}; supported: {', '.join(_GGUF_ARCHS)}")
+        self.adapter = arches.for_gguf_arch(arch, path)
         self.arch = arch
         if (split := fields.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)) is not None and int(split.contents()) > 1:
             raise MixquantError(f"{path}: split GGUF files are not supported; merge them with llama-gguf-split --merge")

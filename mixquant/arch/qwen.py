@@ -1,0 +1,70 @@
+"""Qwen2 and Qwen3 (convert_hf_to_gguf's Qwen2Model / Qwen3Model): no q/k permutation (NeoX rope),
+q/k/v biases (Qwen2), q/k RMS norms (Qwen3), GPT-2 BPE vocabulary; Qwen3-MoE (Qwen3MoeModel):
+every FFN a mixture of experts, stacked per layer into 3-D ffn_{gate,up,down}_exps with the router
+ffn_gate_inp."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import gguf
+
+from .base import Adapter, register
+
+if TYPE_CHECKING:
+    import torch
+    from gguf import GGUFWriter
+
+    from ..source import HFSource
+
+logger = logging.getLogger(__name__)
+
+
+@register
+class Qwen2(Adapter):
+    hf_classes = ("Qwen2ForCausalLM",)
+    model_types = ("qwen2",)
+    gguf_arch = gguf.MODEL_ARCH.QWEN2
+    block_tensors = Adapter.block_tensors + ("attn_q.bias", "attn_k.bias", "attn_v.bias")
+
+
+@register
+class Qwen3(Adapter):
+    hf_classes = ("Qwen3ForCausalLM",)
+    model_types = ("qwen3",)
+    gguf_arch = gguf.MODEL_ARCH.QWEN3
+    block_tensors = Adapter.block_tensors + ("attn_q_norm.weight", "attn_k_norm.weight")
+
+
+@register
+class Qwen3Moe(Adapter):
+    hf_classes = ("Qwen3MoeForCausalLM",)
+    model_types = ("qwen3_moe",)
+    gguf_arch = gguf.MODEL_ARCH.QWEN3MOE
+    block_tensors = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                     "attn_q_norm.weight", "attn_k_norm.weight", "ffn_norm.weight", "ffn_gate_inp.weight",
+                     "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+    norm_feeds = {"attn_norm": ("attn_q", "attn_k", "attn_v"), "attn_v": ("attn_output",),
+                  "ffn_norm": ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"), "ffn_up_exps": ("ffn_down_exps",)}
+    calibrates = False
+
+    def add_hparams(self, w: GGUFWriter, hp: dict[str, Any], src: HFSource) -> None:
+        """Qwen2MoeModel.set_gguf_parameters' additions."""
+        if hp.get("norm_topk_prob") is False:
+            logger.warning("%s: norm_topk_prob is false, but llama.cpp's qwen3moe always renormalises the "
+                           "selected experts' weights: the GGUF will not compute what transformers does", src.path)
+        if (n_ff_exp := hp.get("moe_intermediate_size")) is not None:
+            w.add_expert_feed_forward_length(n_ff_exp)
+        if (n_ff_shexp := hp.get("shared_expert_intermediate_size")) is not None:
+            w.add_expert_shared_feed_forward_length(n_ff_shexp)
+
+    def split_parameter(self, hf_name: str, p: torch.nn.Parameter) -> list[tuple[str, torch.Tensor]]:
+        """transformers keeps each layer's experts as 3-D parameters, gate and up fused
+        (n_expert, 2 n_ff, n_embd): GGUF's ffn_gate_exps and ffn_up_exps are its two halves."""
+        if hf_name.endswith("mlp.experts.gate_up_proj"):
+            base, n_ff = hf_name.removesuffix("gate_up_proj"), p.shape[-2] // 2
+            return [(f"{base}gate_proj.weight", p[:, :n_ff]), (f"{base}up_proj.weight", p[:, n_ff:])]
+        if hf_name.endswith("mlp.experts.down_proj"):
+            return [(f"{hf_name}.weight", p)]
+        return [(hf_name, p)]
