@@ -1146,7 +1146,8 @@ def _setup_measurer(src, info, text, windows, n_windows, ctx, score_from, settin
         raise MixquantError(f"score_from must be in [0, {t - 2}], got {first}")
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True,
+                                                         use_safetensors=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise MixquantError(f"{folder}: transformers cannot load the model: {exc}") from None
     model.eval()

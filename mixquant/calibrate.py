@@ -530,7 +530,7 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         extra = {"attn_implementation": _f16_kv_attention()} if kv_f16 else {}
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, local_files_only=True,
-                                                         **extra)
+                                                         use_safetensors=True, trust_remote_code=False, **extra)
     except Exception as exc:  # noqa: BLE001
         raise MixquantError(f"{hf_folder}: transformers cannot load the model: {exc}") from None
     model.eval()
@@ -662,18 +662,13 @@ _SCALAR = {_UINT8: "B", _INT8: "b", _UINT16: "H", _INT16: "h", _UINT32: "I", _IN
 def write_imatrix(imatrix: Imatrix, path: str | Path) -> Path:
     """Write `imatrix` as llama-imatrix would: legacy binary when the name ends in `.dat`, else GGUF.
 
-    The file is written under a temporary name and renamed into place.
+    The file is written atomically and never over an input (mixquant.files).
     """
-    path = Path(path)
+    from .files import write_bytes
+
+    path = Path(path).expanduser()
     data = _legacy_bytes(imatrix) if path.suffix.lower() == ".dat" else _gguf_bytes(imatrix)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise MixquantError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return path
+    return write_bytes(path, data)
 
 
 def _gguf_string(s: str | bytes) -> bytes:

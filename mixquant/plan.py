@@ -30,6 +30,8 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from .errors import MixquantError
+
 __all__ = [
     "TensorInfo",
     "ModelInfo",
@@ -147,9 +149,9 @@ class ModelInfo:
     @classmethod
     def from_gguf(cls, path: str | Path) -> ModelInfo:
         """Read the architecture, hyper-parameters and tensor list of a GGUF file (no tensor data)."""
-        from gguf import GGUFReader
+        from .files import open_gguf
 
-        reader = GGUFReader(str(path))
+        reader = open_gguf(path)
 
         def get(key: str, default=None):
             f = reader.fields.get(key)
@@ -161,22 +163,25 @@ class ModelInfo:
             return value
 
         arch = get("general.architecture")
-        if arch is None:
-            raise ValueError(f"{path}: no general.architecture")
-        n_head = int(get(f"{arch}.attention.head_count", 0))
+        if not isinstance(arch, str):
+            raise MixquantError(f"{path}: malformed GGUF: no general.architecture")
         tensors = tuple(
             TensorInfo(t.name, tuple(int(s) for s in reversed(t.shape.tolist())), t.tensor_type.name)
             for t in reader.tensors
         )
-        return cls(
-            arch=arch,
-            n_layer=int(get(f"{arch}.block_count")),
-            n_head=n_head,
-            n_head_kv=int(get(f"{arch}.attention.head_count_kv", n_head)),
-            n_expert=int(get(f"{arch}.expert_count", 0)),
-            n_embd=int(get(f"{arch}.embedding_length", 0)),
-            tensors=tensors,
-        )
+        try:
+            n_head = int(get(f"{arch}.attention.head_count", 0))
+            return cls(
+                arch=arch,
+                n_layer=int(get(f"{arch}.block_count")),
+                n_head=n_head,
+                n_head_kv=int(get(f"{arch}.attention.head_count_kv", n_head)),
+                n_expert=int(get(f"{arch}.expert_count", 0)),
+                n_embd=int(get(f"{arch}.embedding_length", 0)),
+                tensors=tensors,
+            )
+        except (TypeError, ValueError) as exc:  # a missing or non-numeric hyper-parameter
+            raise MixquantError(f"{path}: malformed GGUF hyper-parameters: {exc}") from None
 
 
 # llama.cpp sets LLM_TYPE_70B in these architectures' load_hparams (src/models/*.cpp)

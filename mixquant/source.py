@@ -31,6 +31,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.gguf_writer import GGUFValue
 
 from .errors import MixquantError
+from .files import note_input, open_gguf
 from .plan import ModelInfo, TensorInfo
 
 __all__ = ["Source", "HFSource", "GGUFSource", "open_source", "SUPPORTED_ARCHITECTURES"]
@@ -354,6 +355,7 @@ class HFSource(Source):
 
     def __init__(self, folder: Path):
         self.path = self.hf_folder = folder
+        note_input(folder)  # every file in it: an output may not replace one
         config_path = folder / "config.json"
         config = _read_json(config_path, "config.json")
         if not isinstance(config, dict):
@@ -803,19 +805,6 @@ def _tensor_order(name: str) -> tuple:
 _PLAIN_FLOATS = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
 
-class _GGUFReader(gguf.GGUFReader):
-    """gguf's reader, slicing a plain ndarray view of its map: numpy's memmap subclass makes each
-    of the ~250k small slices a tokenizer's metadata needs slow (seconds per file otherwise)."""
-
-    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)
-        dtype = np.dtype(dtype)
-        arr = plain[offset : offset + dtype.itemsize * int(count)].view(dtype)
-        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
-
-
 class GGUFSource(Source):
     """A GGUF file: float tensors read directly, quantized ones dequantized (only if allowed)."""
 
@@ -823,17 +812,9 @@ class GGUFSource(Source):
 
     def __init__(self, path: Path, allow_requantize: bool = False):
         self.path = path
-        try:
-            reader = _GGUFReader(path, "r")
-        except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, IndexError, struct.error...
-            raise MixquantError(f"{path}: not a valid GGUF file or truncated: {exc}") from None
+        reader = open_gguf(path)
         self._reader = reader
-        size = path.stat().st_size
-        self._tensors = {}
-        for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise MixquantError(f"{path}: truncated GGUF file: tensor {t.name} extends past the end of the file")
-            self._tensors[t.name] = t
+        self._tensors = {t.name: t for t in reader.tensors}
 
         fields = reader.fields
         arch_field = fields.get(gguf.Keys.General.ARCHITECTURE)

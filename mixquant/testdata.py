@@ -533,15 +533,9 @@ def cleaned_text(path: Path | None = None, progress: bool = False) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .files import write_text
+
+    write_text(path, text)
 
 
 def build_test_text(force: bool = False) -> tuple[Path, Path]:
