@@ -909,6 +909,21 @@ def _parse_legacy(data: bytes) -> Imatrix:
     return Imatrix(sums=sums, counts=counts, chunks=chunks, datasets=datasets, chunk_size=LEGACY_CHUNK_SIZE)
 
 
+def check_imatrix(imatrix: Imatrix, model: Any, where: str | os.PathLike[str] | None = None) -> None:
+    """A one-line MixquantError unless `imatrix` was collected on `model` (a ModelInfo): every entry
+    names one of its tensors and has one value per input column of it."""
+    where = str(where or "imatrix")
+    cols = {t.name: t.shape[-1] for t in model.tensors}
+    unknown = [n for n in imatrix.names if n not in cols]
+    if unknown:
+        raise MixquantError(f"{where}: collected on another model: {len(unknown)} of its {len(imatrix.names)} "
+                            f"entries name tensors this model does not have, e.g. {unknown[0]}")
+    for name in imatrix.names:
+        if imatrix.sums[name].size != cols[name]:
+            raise MixquantError(f"{where}: collected on another model: {name} has {imatrix.sums[name].size} "
+                                f"values, the tensor has {cols[name]} columns")
+
+
 def _validate(imatrix: Imatrix) -> None:
     for name in imatrix.names:
         sums = imatrix.sums[name]

@@ -4,7 +4,9 @@ import argparse
 import math
 import sys
 import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -75,15 +77,25 @@ def _check_positive_finite(args: argparse.Namespace, *names: str) -> None:
             raise MixquantError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
 
 
-def _output_folder(path: str) -> Path:
+@contextmanager
+def _output_folder(path: str) -> Iterator[Path]:
+    """The output folder, created if needed; one this run created is removed again if the run
+    fails before writing anything into it."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise MixquantError(f"{out}: exists and is not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MixquantError(f"{out}: cannot create the folder: {exc.strerror or exc}") from None
-    return out
+    try:
+        yield out
+    except BaseException:
+        if created:
+            with suppress(OSError):  # only while still empty
+                out.rmdir()
+        raise
 
 
 def _parse_size(text: str) -> int:
@@ -121,7 +133,9 @@ def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool):
     from .text import read_text
 
     if args.sensitivity:
-        return Sensitivity.load(args.sensitivity), imatrix
+        sens = Sensitivity.load(args.sensitivity)
+        sens.check_model(source.model, args.sensitivity)
+        return sens, imatrix
     if not allocating:
         return None, imatrix
     if not args.text:
@@ -197,6 +211,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                             "--sensitivity")
     imatrix = _read_imatrix_arg(args.imatrix)
     with open_source(args.src, allow_requantize=args.allow_requantize) as source:
+        _check_imatrix(imatrix, source.model, args.imatrix)
         if not args.dry_run:  # before any long work: the output path is usable and overwrites no input
             check_output(args.out, [source.path, args.imatrix, args.sensitivity, args.text, args.recipe])
         sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets))
@@ -248,10 +263,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         formats.get(t).name for t in args.sweep_types.split(",") if t]
     progress = sys.stderr.isatty()
     timings: dict[str, float] = {}
-    with open_source(args.src) as source:
+    with open_source(args.src) as source, _output_folder(args.output) as out:
         if source.hf_folder is None:
             raise MixquantError(f"{args.src}: analyze needs a Hugging Face folder (it runs the model in PyTorch)")
-        out = _output_folder(args.output)
         outputs = ["imatrix.gguf", "activations.json", "sensitivity.json"] + ([] if args.no_report else ["report.html"])
         for name in outputs:  # before the long work: none replaces an input or a special file
             check_output(out / name)
@@ -335,6 +349,13 @@ def _read_imatrix_arg(path: str | None):
     return read_imatrix(path)
 
 
+def _check_imatrix(imatrix, model, path: str | None) -> None:
+    if imatrix is not None:
+        from .calibrate import check_imatrix
+
+        check_imatrix(imatrix, model, path)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     """PPL, KLD and top-1 of one GGUF file or plan against the float32 model."""
     import json
@@ -347,6 +368,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     imatrix = _read_imatrix_arg(args.imatrix)
     with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
                    progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations) as ev:
+        _check_imatrix(imatrix, ev.source.model, args.imatrix)
         if args.gguf:
             result = ev.evaluate_gguf(args.gguf)
         else:
@@ -371,6 +393,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         check_output(args.plot)
     with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
                    progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations) as ev:
+        _check_imatrix(imatrix, ev.source.model, args.imatrix)
         check_items(args.items, ev.source.model, imatrix)
         results = []
         for item in args.items:

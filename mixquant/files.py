@@ -102,7 +102,18 @@ def check_output(path: PathLike, inputs: Iterable[PathLike | None] = ()) -> Path
                 same = False
         if same:
             raise MixquantError(f"{out}: refusing to overwrite the input file {f}")
+    _probe(out)
     return out
+
+
+def _probe(out: Path) -> None:
+    """Fail now, not after the long work, when the folder takes no new file (read-only, no permission)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=out.parent)
+    except OSError as exc:
+        raise MixquantError(f"{out}: cannot write: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 _STALE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+" + re.escape(PARTIAL_SUFFIX) + "$")

@@ -207,6 +207,8 @@ def _read_json(path: Path, what: str) -> Any:
             return json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MixquantError(f"{path}: malformed {what}: {exc}") from None
+    except RecursionError:
+        raise MixquantError(f"{path}: malformed {what}: nested too deeply") from None
 
 
 class Source:
@@ -317,6 +319,8 @@ def _scan_safetensors(path: Path) -> dict[str, _StEntry]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MixquantError(f"{path}: corrupt safetensors header: {exc}") from None
+    except RecursionError:
+        raise MixquantError(f"{path}: corrupt safetensors header: nested too deeply") from None
     if not isinstance(header, dict):
         raise MixquantError(f"{path}: corrupt safetensors header: not a JSON object")
     data_start = 8 + n
@@ -382,10 +386,14 @@ class HFSource(Source):
 
         self._check_tokenizer(folder)
         self._entries = self._scan_weights(folder)
+        if self.n_layer > len(self._entries):  # before anything sized by it (name maps, required lists)
+            raise MixquantError(f"{config_path}: num_hidden_layers is {self.n_layer} but the weights hold only "
+                                f"{len(self._entries)} tensors")
         self._maps: dict[Path, np.memmap] = {}
         self._loaders: dict[str, Callable[[], np.ndarray]] = {}
         self._types: dict[str, str] = {}
         infos = self._map_tensors()
+        self._check_shapes(infos, config_path)
         self.model = ModelInfo(
             arch=self.arch, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
             n_expert=0, n_embd=self.n_embd, tied_output=self.tied, tensors=infos,
@@ -526,6 +534,28 @@ class HFSource(Source):
             self._types["rope_freqs.weight"] = "F32"
             self._loaders["rope_freqs.weight"] = lambda: extra.copy()
         return [infos[n] for n in sorted(infos, key=_tensor_order)]
+
+    def _check_shapes(self, infos: list[TensorInfo], config_path: Path) -> None:
+        """config.json against the tensors' shapes (GGUF orientation, (rows, cols)): a transposed
+        weight, a wrong head count or vocabulary size would give a GGUF llama.cpp refuses."""
+        head_dim = self.config.get("head_dim") or self.n_embd // self.n_head
+        if not isinstance(head_dim, int) or head_dim <= 0:
+            raise MixquantError(f"{config_path}: malformed config.json: head_dim {head_dim!r}")
+        n_ff = self.config.get("intermediate_size")
+        e, q, kv, v = self.n_embd, self.n_head * head_dim, self.n_head_kv * head_dim, self.vocab_size
+        expected = {"token_embd.weight": (v, e), "output.weight": (v, e), "output_norm.weight": (e,),
+                    "attn_norm.weight": (e,), "ffn_norm.weight": (e,), "attn_q.weight": (q, e),
+                    "attn_k.weight": (kv, e), "attn_v.weight": (kv, e), "attn_output.weight": (e, q),
+                    "ffn_gate.weight": (n_ff, e), "ffn_up.weight": (n_ff, e), "ffn_down.weight": (e, n_ff),
+                    "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+                    "attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,)}
+        for t in infos:
+            want = expected.get(t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name)
+            if want is not None and tuple(t.shape) != want:
+                raise MixquantError(
+                    f"{config_path}: config.json does not match the weights: {t.name} has shape {list(t.shape)}, "
+                    f"the config (hidden_size {e}, {self.n_head} heads, {self.n_head_kv} KV heads, head_dim "
+                    f"{head_dim}, intermediate_size {n_ff}, vocab_size {v}) gives {list(want)}")
 
     def _first_file(self) -> Path:
         return next(iter(self._entries.values())).file if self._entries else self.path

@@ -52,6 +52,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise MixquantError(f"{path}: not JSON: {exc}") from None
+    except RecursionError:
+        raise MixquantError(f"{path}: not usable JSON: nested too deeply") from None
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
