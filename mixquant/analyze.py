@@ -517,9 +517,10 @@ class Sensitivity:
                                  ppl=float(r["ppl"]), delta_ppl=float(r["delta_ppl"]),
                                  types_used={str(k): str(v) for k, v in r["types_used"].items()})
                      for r in d.get("layer_sweep") or []]
+            model, settings = dict(d.get("model") or {}), dict(d.get("settings") or {})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MixquantError(f"{where}: malformed sensitivity data: {exc}") from None
-        return cls(tensors=tensors, model=dict(d.get("model") or {}), settings=dict(d.get("settings") or {}),
+        return cls(tensors=tensors, model=model, settings=settings,
                    type_factors=factors, reference=reference, layer_sweep=sweep)
 
     def check_model(self, model: Any, where: str = "sensitivity") -> None:

@@ -893,7 +893,8 @@ def _parse_legacy(data: bytes) -> Imatrix:
         # reads them back as sums = values * chunk_size, counts = ncall * chunk_size. Scaling by a
         # power of two is exact, so importance() is unchanged.
         ncall = max(ncall, 1) if ncall >= 0 else ncall
-        sums[name] = values * np.float32(LEGACY_CHUNK_SIZE)
+        with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused by _validate
+            sums[name] = values * np.float32(LEGACY_CHUNK_SIZE)
         counts[name] = ncall * LEGACY_CHUNK_SIZE
     chunks, datasets = 0, []
     if cur.left:

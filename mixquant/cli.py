@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import signal
 import sys
 import time
 from contextlib import contextmanager, suppress
@@ -530,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     clear_inputs()
-    if threading.current_thread() is threading.main_thread():
-        handle_sigterm()
+    previous_sigterm = handle_sigterm() if threading.current_thread() is threading.main_thread() else None
     previous_showwarning = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
@@ -555,7 +555,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = previous_showwarning
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def run() -> None:
+    """The `mixquant` program: main(), then exit; a signal arriving once the command is done (while
+    the interpreter shuts down) changes nothing and is ignored."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

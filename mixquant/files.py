@@ -204,9 +204,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def handle_sigterm() -> None:
-    """Turn SIGTERM into `Terminated` in this (main) thread."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+def handle_sigterm() -> Any:
+    """Turn SIGTERM into `Terminated` in this (main) thread; returns the handler it replaces."""
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 # --------------------------------------------------------------------------------------------

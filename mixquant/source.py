@@ -191,7 +191,9 @@ def _release(mapped: np.memmap, start: int, nbytes: int) -> None:
 
 
 def _check_finite(x: np.ndarray, name: str, where: Path) -> None:
-    if np.isfinite(np.sum(x, dtype=np.float64)):  # no temporary the size of the tensor
+    with np.errstate(all="ignore"):  # inf + -inf is the NaN looked for here, not worth a warning
+        total = np.sum(x, dtype=np.float64)
+    if np.isfinite(total):  # no temporary the size of the tensor
         return
     bad = ~np.isfinite(x)
     if bad.any():
@@ -379,7 +381,11 @@ class HFSource(Source):
         self.n_layer = need(["num_hidden_layers", "n_layers", "n_layer", "num_layers"])
         self.n_embd = need(["hidden_size", "n_embd", "dim"])
         self.n_head = need(["num_attention_heads", "n_head", "n_heads"])
-        self.n_head_kv = int(_find_hparam(hp, ["num_key_value_heads", "n_kv_heads"]) or self.n_head)
+        kv_keys = ["num_key_value_heads", "n_kv_heads"]
+        self.n_head_kv = self.n_head if _find_hparam(hp, kv_keys) is None else need(kv_keys)
+        if self.n_head % self.n_head_kv:
+            raise MixquantError(f"{config_path}: malformed config.json: {self.n_head} attention heads do not "
+                                f"share {self.n_head_kv} key/value heads evenly")
         need(["intermediate_size"])
         self.vocab_size = need(["vocab_size"])
         self.tied = bool(hp.get("tie_word_embeddings", False))
@@ -850,11 +856,20 @@ class GGUFSource(Source):
         arch_field = fields.get(gguf.Keys.General.ARCHITECTURE)
         if arch_field is None:
             raise MixquantError(f"{path}: malformed GGUF: no general.architecture")
-        arch = str(arch_field.contents())
+        arch = _text(bytes(arch_field.parts[-1])) if arch_field.types == [GGUFValueType.STRING] else None
         if arch not in _GGUF_ARCHS:
             raise MixquantError(f"{path}: unsupported architecture {arch!r}; supported: {', '.join(_GGUF_ARCHS)}")
         self.arch = arch
-        if (split := fields.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)) is not None and int(split.contents()) > 1:
+        def number(f: Any) -> int:
+            """A numeric field's value; of a numeric array (per-layer values), its first item."""
+            scalar = f.types[-1] not in (GGUFValueType.STRING, GGUFValueType.ARRAY) if f.types else False
+            per_layer = scalar and f.types[0] == GGUFValueType.ARRAY and len(f.types) == 2 and len(f.data) > 0
+            v = f.contents(0) if per_layer else f.contents() if scalar and len(f.types) == 1 else None
+            if not isinstance(v, (int, float)) or v != v or abs(v) > 2**62:
+                raise MixquantError(f"{path}: malformed GGUF: {f.name} is not a number")
+            return int(v)
+
+        if (split := fields.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)) is not None and number(split) > 1:
             raise MixquantError(f"{path}: split GGUF files are not supported; merge them with llama-gguf-split --merge")
 
         def num(key: str, default: int | None = None) -> int:
@@ -863,8 +878,7 @@ class GGUFSource(Source):
                 if default is None:
                     raise MixquantError(f"{path}: malformed GGUF: no {arch}.{key}")
                 return default
-            v = f.contents()
-            return int(v[0] if isinstance(v, list) else v)
+            return number(f)
 
         n_head = num("attention.head_count")
         infos = [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
