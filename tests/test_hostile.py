@@ -783,7 +783,26 @@ def test_hostile_memory_bounded(world, case):
     assert code == 1, err
     _check_stderr(err)
     assert _snapshot(world.root) == before
+    print(f"{case}: peak RSS {peak_mb:.0f} MB")  # shown with pytest -s
     assert peak_mb < MEMORY_BOUND_MB, f"peak RSS {peak_mb:.0f} MB"
+
+
+def test_pickle_beside_safetensors_never_loaded(world, monkeypatch, capsys):
+    """A pytorch_model.bin next to the safetensors: imatrix (which loads the model through
+    transformers) succeeds without ever calling torch.load."""
+    import pickle
+
+    import torch
+
+    from mixquant.cli import main
+
+    d = world.case_dir("pickle")
+    model = _model_copy(world, d, {"pytorch_model.bin": pickle.dumps({"payload": "never read"})})
+    calls = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    assert main(["imatrix", str(model), "--text", str(world.text), "-o", str(d / "im.gguf"), *CTX,
+                 "--chunks", "2"]) == 0, capsys.readouterr().err
+    assert calls == []
 
 
 def test_real_bug_shows_traceback(world, monkeypatch, capsys):
