@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # arguments naming files or folders a command reads: no output may replace one
-_INPUT_ARGS = ("src", "model", "text", "imatrix", "sensitivity", "recipe", "gguf", "items")
+_INPUT_ARGS = ("src", "model", "text", "imatrix", "sensitivity", "recipe", "gguf", "items", "hessians")
 
 
 def _note_inputs(args: argparse.Namespace) -> None:

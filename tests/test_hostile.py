@@ -3,8 +3,8 @@
 For each case: exit status 1, exactly one `mixquant: error: ...` line on stderr (other lines only
 one-line warnings), no traceback, no file left behind, every input byte-identical afterwards.
 Cases run in-process through mixquant.cli.main (fast); those that check memory, signals or the
-real stderr of a process run as subprocesses, whose peak RSS (ru_maxrss from wait4) must stay
-under MEMORY_BOUND_MB. Everything is generated here from a tiny random llama (no large files).
+real stderr of a process run as subprocesses, whose own peak RSS (VmHWM) must stay under
+MEMORY_BOUND_MB. Everything is generated here from a tiny random llama (no large files).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import pytest
 from conftest import make_tiny_llama, random_text
 
 ROOT = Path(__file__).resolve().parents[1]
-# peak RSS of one `mixquant` process on a hostile input: importing torch/transformers/numba and
-# running the tiny model take ~0.5-0.9 GB here; a reader that believed a 2^62 count or a
-# billion layers would go far past it
-MEMORY_BOUND_MB = 1500
+# peak RSS of one `mixquant` process on a hostile input: the readers and their imports take about
+# 150 MB (measured: every memory case below stops there), a whole quantize of the tiny model with
+# transformers loaded about 450 MB; a reader that believed a 2^62 count would go far past it
+MEMORY_BOUND_MB = 600
 # how much one in-process case may raise this process's peak RSS
 IN_PROCESS_GROWTH_MB = 300
 CTX = ["--ctx", "16"]
@@ -152,25 +152,35 @@ def run_in_process(world: World, argv: list[str]) -> str:
     return err.getvalue().splitlines()[-1]
 
 
+# The child reports its own peak RSS (VmHWM, which exec resets): wait4's ru_maxrss would include
+# the peak RSS of this pytest process, which the child inherits through fork+exec on Linux.
+_CHILD = """
+import atexit, os, sys
+def _report():
+    with open("/proc/self/status") as fh:
+        kb = next(line.split()[1] for line in fh if line.startswith("VmHWM:"))
+    with open(os.environ["MIXQUANT_TEST_HWM"], "w") as fh:
+        fh.write(kb)
+atexit.register(_report)
+sys.argv[0] = "mixquant"
+from mixquant.cli import run
+run()
+"""
+
+
 def run_subprocess(argv: list[str], *, timeout: float = 120) -> tuple[int, str, float]:
     """(exit status, stderr, peak RSS in MB) of `mixquant argv` in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "mixquant.cli", *map(str, argv)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            os.wait4(proc.pid, 0)
-            raise AssertionError(f"mixquant {argv} ran past {timeout} s")
-        time.sleep(0.05)
-    err = proc.stderr.read()
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err, usage.ru_maxrss / 1024
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        hwm = Path(scratch) / "hwm"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MIXQUANT_TEST_HWM": str(hwm)}
+        try:
+            proc = subprocess.run([sys.executable, "-c", _CHILD, *map(str, argv)], env=env, timeout=timeout,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"mixquant {argv} ran past {timeout} s") from None
+        return proc.returncode, proc.stderr, int(hwm.read_text()) / 1024
 
 
 # --------------------------------------------------------------------------------------------
