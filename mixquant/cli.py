@@ -527,16 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     import threading
     import warnings
 
-    from .files import Terminated, clear_inputs, handle_sigterm
+    from .files import Terminated, command_inputs, handle_sigterm
 
     args = build_parser().parse_args(argv)
-    clear_inputs()
     previous_sigterm = handle_sigterm() if threading.current_thread() is threading.main_thread() else None
     previous_showwarning = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        _note_inputs(args)
-        return args.func(args)
+        with command_inputs():
+            _note_inputs(args)
+            return args.func(args)
     except MixquantError as exc:
         print(f"mixquant: error: {_one_line(str(exc))}", file=sys.stderr)
         return 1

@@ -9,8 +9,9 @@ Outputs (one API for every command):
 
 An output must be absent or a regular file (never a device, FIFO, folder or socket, even through a
 link), in a folder that exists, and must not be, or link to, any file the command reads: the
-`inputs` given (a folder stands for every file in it) plus every file noted with `note_input` (the
-readers note what they read, the CLI notes every path argument up front). The data goes to a
+`inputs` given (a folder stands for every file in it) plus, while a command runs
+(`command_inputs()`), every file noted with `note_input` (the readers note what they read, the CLI
+notes every path argument up front). The data goes to a
 temporary file created exclusively (mkstemp) in the output's folder under an unpredictable name
 `.<name>.<pid>.<random>.mixquant-partial`, which is renamed into place only once complete and
 removed on any error, Ctrl-C or SIGTERM (`handle_sigterm`); one left by a killed run (SIGKILL,
@@ -38,31 +39,38 @@ import numpy as np
 
 from .errors import MixquantError
 
-__all__ = ["check_output", "atomic_output", "write_text", "write_bytes", "note_input", "clear_inputs",
+__all__ = ["check_output", "atomic_output", "write_text", "write_bytes", "note_input", "command_inputs",
            "handle_sigterm", "Terminated", "open_gguf", "PARTIAL_SUFFIX"]
 
 PARTIAL_SUFFIX = ".mixquant-partial"
 
 PathLike = str | os.PathLike[str]
 
-# Files (and folders) this process reads: an output may never be one of them.
-_inputs: set[Path] = set()
+# Files (and folders) the running command reads: no output of it may be one of them.
+_inputs: set[Path] | None = None
 
 
 def note_input(path: PathLike | None) -> None:
-    """Remember that `path` (a file, or a folder standing for its files) is read by this run."""
-    if path is not None:
+    """Remember that `path` (a file, or a folder standing for its files) is read by the running
+    command (the readers call this; outside `command_inputs()` it does nothing)."""
+    if path is not None and _inputs is not None:
         _inputs.add(Path(path).expanduser())
 
 
-def clear_inputs() -> None:
-    """Forget the noted inputs (the CLI starts each command with none)."""
-    _inputs.clear()
+@contextmanager
+def command_inputs() -> Iterator[None]:
+    """While a command runs: every input noted is checked against every output it writes."""
+    global _inputs
+    previous, _inputs = _inputs, set()
+    try:
+        yield
+    finally:
+        _inputs = previous
 
 
 def _input_files(inputs: Iterable[PathLike | None]) -> list[Path]:
     files: list[Path] = []
-    for f in [*inputs, *_inputs]:
+    for f in [*inputs, *(_inputs or ())]:
         if f is None:
             continue
         p = Path(f).expanduser()
