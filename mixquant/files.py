@@ -226,9 +226,11 @@ def _gguf_reader_class():
     from gguf import GGUFValueType
 
     # the smallest encoding of one item of each value type (a string is at least its 8-byte length)
-    min_size = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
+    min_size = {int(GGUFValueType.STRING): 8, int(GGUFValueType.ARRAY): 12}
     for vtype, nptype in gguf.GGUFReader.gguf_scalar_to_np.items():
-        min_size[vtype] = np.dtype(nptype).itemsize
+        min_size[int(vtype)] = np.dtype(nptype).itemsize
+    array = int(GGUFValueType.ARRAY)
+    get_field_parts = gguf.GGUFReader._get_field_parts
 
     class BoundedGGUFReader(gguf.GGUFReader):
         """gguf's reader, with every read checked against the file's end before it is made, and
@@ -239,12 +241,12 @@ def _gguf_reader_class():
             plain = self.__dict__.get("_plain")
             if plain is None:
                 plain = self._plain = self.data.view(np.ndarray)
+                self._size = len(plain)
             dtype = np.dtype(dtype)
-            count = int(count)
-            end = int(offset) + dtype.itemsize * count
-            if count < 0 or offset < 0 or end > plain.shape[0]:
-                raise _Truncated(f"reading {count} x {dtype} at byte {offset} passes the end of the file "
-                                 f"({plain.shape[0]} bytes)")
+            end = offset + dtype.itemsize * int(count)
+            if end > self._size or count < 0 or offset < 0:
+                raise _Truncated(f"reading {int(count)} x {dtype} at byte {offset} passes the end of the file "
+                                 f"({self._size} bytes)")
             arr = plain[offset:end].view(dtype)
             return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
@@ -252,13 +254,13 @@ def _gguf_reader_class():
             return int(self.data.shape[0]) - int(offs)
 
         def _get_field_parts(self, orig_offs: int, raw_type: int):
-            if raw_type == GGUFValueType.ARRAY:
+            if raw_type == array:
                 sub, n = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
                 if sub not in min_size:
                     raise _Truncated(f"unknown array item type {sub} at byte {orig_offs}")
-                if n * min_size[GGUFValueType(sub)] > self._left(orig_offs + 12):
+                if n * min_size[sub] > self._left(orig_offs + 12):
                     raise _Truncated(f"array at byte {orig_offs} claims {n} items, more than the file holds")
-            return super()._get_field_parts(orig_offs, raw_type)
+            return get_field_parts(self, orig_offs, raw_type)
 
         def _build_fields(self, offs: int, count: int) -> int:
             if int(count) * 13 > self._left(offs):  # key length, 1-byte key, type, 1-byte value at least
