@@ -142,7 +142,7 @@ def _alive(pid: int) -> bool:
 def remove_stale_partials(out: Path) -> None:
     """Remove partial files of `out` left by killed runs (their process is gone), saying so once."""
     removed = []
-    for p in out.parent.glob(f".{glob_escape(out.name)}.*{PARTIAL_SUFFIX}"):
+    for p in out.parent.glob(f".{_glob_escape(out.name)}.*{PARTIAL_SUFFIX}"):
         m = _STALE.fullmatch(p.name)
         if m and m["name"] == out.name and not _alive(int(m["pid"])) and p.is_file() and not p.is_symlink():
             try:
@@ -155,7 +155,7 @@ def remove_stale_partials(out: Path) -> None:
               file=sys.stderr)
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
