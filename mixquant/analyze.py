@@ -210,7 +210,8 @@ def _check_costs(t: TensorSensitivity) -> None:
         except ValueError as exc:
             raise ValueError(f"tensor {t.name} type {typ}: {exc}") from None
         if c.bytes != expected:
-            raise ValueError(f"tensor {t.name} {list(t.shape)} takes {expected} bytes in {typ}, the file says {c.bytes}")
+            raise ValueError(f"tensor {t.name} {list(t.shape)} takes {expected} bytes in {typ}, "
+                             f"the file says {c.bytes}")
         for what in ("predicted", "measured", "fisher"):
             v = getattr(c, what)
             if v is not None and not (math.isfinite(v) and v >= 0):

@@ -680,8 +680,8 @@ def _pad(n: int) -> int:
 
 def _gguf_bytes(imatrix: Imatrix) -> bytes:
     """IMatrixCollector::save_imatrix, byte for byte (by hand: gguf's writer adds
-    general.architecture and cannot write the empty imatrix.datasets array llama-imatrix can): keys general.type, imatrix.datasets,
-    imatrix.chunk_count, imatrix.chunk_size; for each name in sorted order the F32 tensors
+    general.architecture and cannot write the empty imatrix.datasets array llama-imatrix can):
+    keys general.type, imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size; for each name in sorted order the F32 tensors
     `<name>.in_sum2` (ne = [n_cols, 1]) and `<name>.counts` (ne = [1, 1])."""
     kv = [
         _gguf_string("general.type") + struct.pack("<I", _STRING) + _gguf_string("imatrix"),

@@ -53,6 +53,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -65,7 +66,7 @@ import numpy as np
 
 from .cache import cache_dir
 from .errors import MixquantError
-from .files import atomic_output, write_text
+from .files import PARTIAL_SUFFIX, atomic_output, write_text
 from .source import quiet_transformers
 
 __all__ = [
@@ -555,9 +556,9 @@ class Evaluator:
         self.restore()
         model = self.model
         n_vocab = int(model.config.vocab_size)
-        tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # an unpredictable name, created exclusively (as mixquant.files does for files)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
         try:
             free = shutil.disk_usage(tmp).free
             need = self.n_chunks * self.n_scored * n_vocab * 2

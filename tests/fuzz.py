@@ -214,7 +214,8 @@ def _strategies():
                         break
                     node = draw(st.sampled_from(containers))
                 if isinstance(node, dict):
-                    key = draw(st.sampled_from(sorted(node)) | st.text(max_size=10)) if node else draw(st.text(max_size=10))
+                    new_key = st.text(max_size=10)
+                    key = draw(st.sampled_from(sorted(node)) | new_key if node else new_key)
                     node[key] = draw(json_values)
                 elif isinstance(node, list) and node:
                     node[draw(st.integers(0, len(node) - 1))] = draw(json_values)
