@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test setup
+.PHONY: quickstart test setup fuzz
 
 setup: $(STAMP)
 
@@ -38,3 +38,8 @@ quickstart: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Fuzz every reader of untrusted files (hypothesis) for FUZZ_SECONDS each; prints executions per reader.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	$(PY) tests/fuzz.py --seconds $(FUZZ_SECONDS)

@@ -504,7 +504,7 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         extra = {"attn_implementation": _f16_kv_attention()} if kv_f16 else {}
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, local_files_only=True,
-                                                         **extra)
+                                                         use_safetensors=True, trust_remote_code=False, **extra)
     except Exception as exc:  # noqa: BLE001
         raise MixquantError(f"{hf_folder}: transformers cannot load the model: {exc}") from None
     model.eval()
@@ -627,27 +627,20 @@ _GGUF_MAGIC = b"GGUF"
 _GGUF_VERSION = 3
 _GGUF_ALIGNMENT = 32
 _GGML_TYPE_F32 = 0
-# GGUF value types: id -> struct format for the scalar ones
-_UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY, _UINT64, _INT64, _FLOAT64 = range(13)
-_SCALAR = {_UINT8: "B", _INT8: "b", _UINT16: "H", _INT16: "h", _UINT32: "I", _INT32: "i", _FLOAT32: "f",
-           _BOOL: "?", _UINT64: "Q", _INT64: "q", _FLOAT64: "d"}
+# GGUF value types (what llama-imatrix's header uses)
+_UINT32, _STRING, _ARRAY = 4, 8, 9
 
 
 def write_imatrix(imatrix: Imatrix, path: str | Path) -> Path:
     """Write `imatrix` as llama-imatrix would: legacy binary when the name ends in `.dat`, else GGUF.
 
-    The file is written under a temporary name and renamed into place.
+    The file is written atomically and never over an input (mixquant.files).
     """
-    path = Path(path)
+    from .files import write_bytes
+
+    path = Path(path).expanduser()
     data = _legacy_bytes(imatrix) if path.suffix.lower() == ".dat" else _gguf_bytes(imatrix)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise MixquantError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return path
+    return write_bytes(path, data)
 
 
 def _gguf_string(s: str | bytes) -> bytes:
@@ -660,8 +653,9 @@ def _pad(n: int) -> int:
 
 
 def _gguf_bytes(imatrix: Imatrix) -> bytes:
-    """IMatrixCollector::save_imatrix, byte for byte: keys general.type, imatrix.datasets,
-    imatrix.chunk_count, imatrix.chunk_size; for each name in sorted order the F32 tensors
+    """IMatrixCollector::save_imatrix, byte for byte (by hand: gguf's writer adds
+    general.architecture and cannot write the empty imatrix.datasets array llama-imatrix can):
+    keys general.type, imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size; for each name in sorted order the F32 tensors
     `<name>.in_sum2` (ne = [n_cols, 1]) and `<name>.counts` (ne = [1, 1])."""
     kv = [
         _gguf_string("general.type") + struct.pack("<I", _STRING) + _gguf_string("imatrix"),
@@ -729,14 +723,6 @@ class _Cursor:
         values = struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))
         return values[0] if len(values) == 1 else values
 
-    def string(self, what: str) -> str:
-        n = self.unpack("Q", what)
-        raw = self.take(n, what)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Bad(f"{what} is not UTF-8") from None
-
     @property
     def left(self) -> int:
         return len(self.data) - self.pos
@@ -753,7 +739,7 @@ def read_imatrix(path: str | Path) -> Imatrix:
     data = read_bytes(path)
     try:
         if data[:4] == _GGUF_MAGIC:
-            imatrix = _parse_gguf(data)
+            imatrix = _parse_gguf(path)
         else:
             imatrix = _parse_legacy(data)
         _validate(imatrix)
@@ -762,57 +748,21 @@ def read_imatrix(path: str | Path) -> Imatrix:
     return imatrix
 
 
-def _read_value(cur: _Cursor, vtype: int, what: str):
-    if vtype in _SCALAR:
-        return cur.unpack(_SCALAR[vtype], what)
-    if vtype == _STRING:
-        return cur.string(what)
-    if vtype == _ARRAY:
-        sub, n = cur.unpack("IQ", what)
-        if sub == _ARRAY:
-            raise _Bad(f"nested array in {what}")
-        if n > cur.left:
-            raise _Bad(f"truncated file (array {what} claims {n} items)")
-        return [_read_value(cur, sub, what) for _ in range(n)]
-    raise _Bad(f"not a GGUF imatrix: unknown value type {vtype} for {what}")
+def _parse_gguf(path: Path) -> Imatrix:
+    """A GGUF imatrix through gguf's reader (mixquant.files.open_gguf: bounded by the file's size)."""
+    import gguf
+    from gguf import GGUFValueType
 
+    from .files import open_gguf
 
-def _parse_gguf(data: bytes) -> Imatrix:
-    cur = _Cursor(data)
-    cur.take(4, "magic")
-    version, n_tensors, n_kv = cur.unpack("Iqq", "GGUF header")
-    if version not in (2, 3):
-        raise _Bad(f"unsupported GGUF version {version}")
-    if n_tensors < 0 or n_kv < 0 or n_tensors > len(data) or n_kv > len(data):
-        raise _Bad("corrupt GGUF header")
-    kv = {}
-    for _ in range(n_kv):
-        key = cur.string("metadata key")
-        kv[key] = _read_value(cur, cur.unpack("I", key), key)
-    alignment = kv.get("general.alignment", _GGUF_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise _Bad(f"bad general.alignment {alignment!r}")
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string("tensor name")
-        n_dims = cur.unpack("I", name)
-        if n_dims > 4:
-            raise _Bad(f"tensor {name} has {n_dims} dimensions")
-        ne = [cur.unpack("q", name) for _ in range(n_dims)]
-        ttype, offset = cur.unpack("IQ", name)
-        infos.append((name, ne, ttype, offset))
-    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    reader = open_gguf(path)
     tensors = {}
-    for name, ne, ttype, offset in infos:
-        if ttype != _GGML_TYPE_F32:
-            if name.endswith((".in_sum2", ".counts")):
-                raise _Bad(f"tensor {name} must be F32 (ggml type {ttype})")
+    for t in reader.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            if t.name.endswith((".in_sum2", ".counts")):
+                raise _Bad(f"tensor {t.name} must be F32 (ggml type {int(t.tensor_type)})")
             continue
-        n = math.prod(ne)
-        begin = data_start + offset
-        if n < 0 or begin + 4 * n > len(data):
-            raise _Bad(f"truncated file (tensor {name} ends past the end of the file)")
-        tensors[name] = np.frombuffer(data, dtype="<f4", count=n, offset=begin).astype(np.float32)
+        tensors[t.name] = np.array(t.data, dtype=np.float32).reshape(-1)
 
     sums, counts = {}, {}
     for tname, arr in tensors.items():
@@ -835,14 +785,25 @@ def _parse_gguf(data: bytes) -> Imatrix:
             raise _Bad(f"tensor {tname} has no matching in_sum2")
     if not sums:
         raise _Bad("not an imatrix (a GGUF file without <name>.in_sum2 / <name>.counts tensors)")
-    missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in kv]
+    fields = reader.fields
+    missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in fields]
     if missing:
         raise _Bad(f"missing imatrix metadata {', '.join(missing)} (llama-quantize refuses such a file)")
-    datasets = kv["imatrix.datasets"]
-    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+    datasets = fields["imatrix.datasets"]
+    if datasets.types != [GGUFValueType.ARRAY, GGUFValueType.STRING] and datasets.types != [GGUFValueType.ARRAY]:
         raise _Bad("imatrix.datasets is not an array of strings")
-    return Imatrix(sums=sums, counts=counts, chunks=int(kv["imatrix.chunk_count"]), datasets=list(datasets),
-                   chunk_size=int(kv["imatrix.chunk_size"]))
+    try:
+        names = [bytes(datasets.parts[i]).decode("utf-8") for i in datasets.data]
+    except UnicodeDecodeError:
+        raise _Bad("imatrix.datasets is not UTF-8") from None
+    numbers = []
+    for key in ("imatrix.chunk_count", "imatrix.chunk_size"):
+        f = fields[key]
+        if len(f.types) != 1 or f.types[0] in (GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.FLOAT32,
+                                                GGUFValueType.FLOAT64, GGUFValueType.BOOL):
+            raise _Bad(f"{key} is not an integer")
+        numbers.append(int(f.contents()))
+    return Imatrix(sums=sums, counts=counts, chunks=numbers[0], datasets=names, chunk_size=numbers[1])
 
 
 def _parse_legacy(data: bytes) -> Imatrix:
@@ -872,7 +833,8 @@ def _parse_legacy(data: bytes) -> Imatrix:
         # reads them back as sums = values * chunk_size, counts = ncall * chunk_size. Scaling by a
         # power of two is exact, so importance() is unchanged.
         ncall = max(ncall, 1) if ncall >= 0 else ncall
-        sums[name] = values * np.float32(LEGACY_CHUNK_SIZE)
+        with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused by _validate
+            sums[name] = values * np.float32(LEGACY_CHUNK_SIZE)
         counts[name] = ncall * LEGACY_CHUNK_SIZE
     chunks, datasets = 0, []
     if cur.left:
@@ -886,6 +848,21 @@ def _parse_legacy(data: bytes) -> Imatrix:
         if cur.left:
             raise _Bad(f"not an imatrix file ({cur.left} unexpected bytes after the data)")
     return Imatrix(sums=sums, counts=counts, chunks=chunks, datasets=datasets, chunk_size=LEGACY_CHUNK_SIZE)
+
+
+def check_imatrix(imatrix: Imatrix, model: Any, where: str | os.PathLike[str] | None = None) -> None:
+    """A one-line MixquantError unless `imatrix` was collected on `model` (a ModelInfo): every entry
+    names one of its tensors and has one value per input column of it."""
+    where = str(where or "imatrix")
+    cols = {t.name: t.shape[-1] for t in model.tensors}
+    unknown = [n for n in imatrix.names if n not in cols]
+    if unknown:
+        raise MixquantError(f"{where}: collected on another model: {len(unknown)} of its {len(imatrix.names)} "
+                            f"entries name tensors this model does not have, e.g. {unknown[0]}")
+    for name in imatrix.names:
+        if imatrix.sums[name].size != cols[name]:
+            raise MixquantError(f"{where}: collected on another model: {name} has {imatrix.sums[name].size} "
+                                f"values, the tensor has {cols[name]} columns")
 
 
 def _validate(imatrix: Imatrix) -> None:

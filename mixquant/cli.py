@@ -1,9 +1,13 @@
 """The `mixquant` command line: one subcommand per pipeline stage."""
 
 import argparse
+import math
+import signal
 import sys
 import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -28,6 +32,7 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     from .source import open_source
     from .testdata import build_test_model
 
+    _check_at_least(args, threads=1, layer=0)
     codecs = [formats.get(name) for name in (args.types.split(",") if args.types else formats.FORMATS)]
     with open_source(args.model or build_test_model()) as source:
         tensors = {t.name: source.tensor(t.name) for t in source.model.tensors
@@ -65,15 +70,33 @@ def _check_at_least(args: argparse.Namespace, **minimums: int) -> None:
             raise MixquantError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
 
 
-def _output_folder(path: str) -> Path:
+def _check_positive_finite(args: argparse.Namespace, *names: str) -> None:
+    """One-line errors for a real number that is not finite and positive (inf, nan, 0, -1)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise MixquantError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
+
+
+@contextmanager
+def _output_folder(path: str) -> Iterator[Path]:
+    """The output folder, created if needed; one this run created is removed again if the run
+    fails before writing anything into it."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise MixquantError(f"{out}: exists and is not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MixquantError(f"{out}: cannot create the folder: {exc.strerror or exc}") from None
-    return out
+    try:
+        yield out
+    except BaseException:
+        if created:
+            with suppress(OSError):  # only while still empty
+                out.rmdir()
+        raise
 
 
 def _parse_size(text: str) -> int:
@@ -81,9 +104,10 @@ def _parse_size(text: str) -> int:
     import re
 
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)?\s*", text, re.IGNORECASE)
-    if not match:
+    size = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()] if match else math.nan
+    if not (math.isfinite(size) and size >= 1):
         raise MixquantError(f"--target-size: cannot read {text!r}; give bytes or a size like 80MB or 76MiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+    return int(size)
 
 
 _TARGETS = {"target_bpw": "--target-bpw", "target_size": "--target-size", "max_kld": "--max-kld"}
@@ -110,7 +134,9 @@ def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool):
     from .text import read_text
 
     if args.sensitivity:
-        return Sensitivity.load(args.sensitivity), imatrix
+        sens = Sensitivity.load(args.sensitivity)
+        sens.check_model(source.model, args.sensitivity)
+        return sens, imatrix
     if not allocating:
         return None, imatrix
     if not args.text:
@@ -165,10 +191,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     """llama-quantize's interface: SRC OUT.gguf TYPE, per-tensor plan from the preset and overrides;
     or a recipe's plan; or a size (--target-bpw/--target-size) and the plan that loses least within
     it, or the smallest plan within a loss (--max-kld)."""
-    from .export import check_output, gguf_file_size, write_gguf
+    from .export import gguf_file_size, write_gguf
+    from .files import check_output
     from .plan import preset_plan
     from .source import open_source
 
+    _check_positive_finite(args, "target_bpw", "max_kld")
+    _check_at_least(args, threads=1)
     targets = [flag for key, flag in _TARGETS.items() if getattr(args, key) is not None]
     if len(targets) > 1:
         raise MixquantError(f"give only one of {', '.join(targets)}")
@@ -183,8 +212,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                             "--sensitivity")
     imatrix = _read_imatrix_arg(args.imatrix)
     with open_source(args.src, allow_requantize=args.allow_requantize) as source:
+        _check_imatrix(imatrix, source.model, args.imatrix)
         if not args.dry_run:  # before any long work: the output path is usable and overwrites no input
-            check_output(args.out, [*source.input_files, args.imatrix, args.sensitivity, args.text, args.recipe])
+            check_output(args.out, [source.path, args.imatrix, args.sensitivity, args.text, args.recipe])
         sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets))
         if targets:
             plan = _allocated_plan(args, source, sens)
@@ -218,6 +248,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from . import formats
     from .analyze import DEFAULT_SWEEP_TYPES, analyze
     from .calibrate import calibrate, write_imatrix
+    from .files import check_output
     from .report import write_report
     from .source import open_source
     from .text import read_text
@@ -226,17 +257,19 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not text.is_file():
         raise MixquantError(f"{text}: no such text file")
     # ggml never collects micro-batches under 16 tokens (calibrate._MIN_UBATCH_TOKENS)
-    _check_at_least(args, ctx=16, chunks=1, windows=1)
+    _check_at_least(args, ctx=16, chunks=1, windows=1, threads=1)
     # types are checked before the long stages start
     types = [formats.get(t).name for t in args.types.split(",")] if args.types else None
     sweep = DEFAULT_SWEEP_TYPES if args.sweep_types is None else [
         formats.get(t).name for t in args.sweep_types.split(",") if t]
     progress = sys.stderr.isatty()
     timings: dict[str, float] = {}
-    with open_source(args.src) as source:
+    with open_source(args.src) as source, _output_folder(args.output) as out:
         if source.hf_folder is None:
             raise MixquantError(f"{args.src}: analyze needs a Hugging Face folder (it runs the model in PyTorch)")
-        out = _output_folder(args.output)
+        outputs = ["imatrix.gguf", "activations.json", "sensitivity.json"] + ([] if args.no_report else ["report.html"])
+        for name in outputs:  # before the long work: none replaces an input or a special file
+            check_output(out / name)
         start = time.perf_counter()
         cal = calibrate(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=progress,
                         dataset=str(text), output_importance=not args.no_output_importance)
@@ -273,6 +306,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_imatrix(args: argparse.Namespace) -> int:
     """llama-imatrix's job: mean squared input activation per column of every linear layer."""
     from .calibrate import compute_imatrix, write_imatrix
+    from .files import check_output
     from .source import open_source
     from .text import read_text
 
@@ -287,6 +321,7 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     text = Path(args.text)
     if not text.is_file():
         raise MixquantError(f"{text}: no such text file")
+    check_output(args.output)  # before the long work
     imatrix = compute_imatrix(folder, read_text(text), ctx=args.ctx, chunks=args.chunks,
                               progress=sys.stderr.isatty(), dataset=str(text), process_output=args.process_output)
     path = write_imatrix(imatrix, args.output)
@@ -315,17 +350,26 @@ def _read_imatrix_arg(path: str | None):
     return read_imatrix(path)
 
 
+def _check_imatrix(imatrix, model, path: str | None) -> None:
+    if imatrix is not None:
+        from .calibrate import check_imatrix
+
+        check_imatrix(imatrix, model, path)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     """PPL, KLD and top-1 of one GGUF file or plan against the float32 model."""
     import json
 
     from .evaluate import Evaluator, format_table
 
+    _check_at_least(args, threads=1)
     if args.gguf and args.imatrix:
         raise MixquantError("--imatrix applies to --plan only (a GGUF file is already quantized)")
     imatrix = _read_imatrix_arg(args.imatrix)
     with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
                    progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations) as ev:
+        _check_imatrix(imatrix, ev.source.model, args.imatrix)
         if args.gguf:
             result = ev.evaluate_gguf(args.gguf)
         else:
@@ -342,12 +386,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     import json
 
     from .evaluate import Evaluator, check_items, format_table, plot_results
+    from .files import check_output
 
+    _check_at_least(args, threads=1)
     imatrix = _read_imatrix_arg(args.imatrix)
-    if args.plot and not Path(args.plot).expanduser().parent.is_dir():
-        raise MixquantError(f"{Path(args.plot).expanduser().parent}: output folder does not exist")
+    if args.plot:
+        check_output(args.plot)
     with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
                    progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations) as ev:
+        _check_imatrix(imatrix, ev.source.model, args.imatrix)
         check_items(args.items, ev.source.model, imatrix)
         results = []
         for item in args.items:
@@ -453,17 +500,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# arguments naming files or folders a command reads: no output may replace one
+_INPUT_ARGS = ("src", "model", "text", "imatrix", "sensitivity", "recipe", "gguf", "items", "hessians")
+
+
+def _note_inputs(args: argparse.Namespace) -> None:
+    from .files import note_input
+
+    for key in _INPUT_ARGS:
+        value = getattr(args, key, None)
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, str) and Path(path).expanduser().exists():
+                note_input(path)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mixquant: warning: {_one_line(str(message))}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (MixquantError) and the expected failures of the system (a file
+    that cannot be read or written, no memory) are one line `mixquant: error: ...` and status 1; any
+    other exception is a bug and shows its traceback."""
+    import threading
+    import warnings
+
+    from .files import Terminated, command_inputs, handle_sigterm
+
     args = build_parser().parse_args(argv)
+    previous_sigterm = handle_sigterm() if threading.current_thread() is threading.main_thread() else None
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
-        return args.func(args)
-    except (MixquantError, ValueError, FileNotFoundError) as exc:
-        print(f"mixquant: error: {exc}", file=sys.stderr)
+        with command_inputs():
+            _note_inputs(args)
+            return args.func(args)
+    except MixquantError as exc:
+        print(f"mixquant: error: {_one_line(str(exc))}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, permission denied, read-only file system, I/O error ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mixquant: error: {_one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("mixquant: error: out of memory", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("mixquant: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("mixquant: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous_showwarning
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def run() -> None:
+    """The `mixquant` program: main(), then exit; a signal arriving once the command is done (while
+    the interpreter shuts down) changes nothing and is ignored."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -53,6 +53,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -66,6 +67,7 @@ import numpy as np
 from .arch import unpermute_qk
 from .cache import cache_dir
 from .errors import MixquantError
+from .files import PARTIAL_SUFFIX, atomic_output, write_text
 from .source import quiet_transformers
 
 if TYPE_CHECKING:
@@ -178,9 +180,7 @@ def _file_digest(path: Path, memo_path: Path) -> str:
     memo = {k: v for k, v in memo.items() if not k.startswith(f"{path}|")}
     memo[stamp] = digest
     memo_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(memo, indent=0))
-    os.replace(tmp, memo_path)
+    write_text(memo_path, json.dumps(memo, indent=0))
     return digest
 
 
@@ -405,7 +405,8 @@ class Evaluator:
             try:
                 with quiet_transformers():
                     model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32,
-                                                                 local_files_only=True)
+                                                                 local_files_only=True, use_safetensors=True,
+                                                                 trust_remote_code=False)
             except Exception as exc:  # noqa: BLE001
                 raise MixquantError(f"{self.folder}: transformers cannot load the model: {exc}") from None
             model.eval()
@@ -537,9 +538,9 @@ class Evaluator:
         self.restore()
         model = self.model
         n_vocab = int(model.config.vocab_size)
-        tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # an unpredictable name, created exclusively (as mixquant.files does for files)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
         try:
             free = shutil.disk_usage(tmp).free
             need = self.n_chunks * self.n_scored * n_vocab * 2
@@ -756,22 +757,10 @@ class Evaluator:
 
 
 def _open_gguf(path: Path):
-    if not path.is_file():
-        raise MixquantError(f"{path}: no such file")
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise MixquantError(f"{path}: not a GGUF file")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, IndexError, struct.error...
-        raise MixquantError(f"{path}: not a valid GGUF file or truncated: {exc}") from None
-    size = path.stat().st_size
-    tensors = {}
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise MixquantError(f"{path}: truncated GGUF file: tensor {t.name} extends past the end of the file")
-        tensors[t.name] = t
-    return tensors, reader
+    from .files import open_gguf
+
+    reader = open_gguf(path)
+    return {t.name: t for t in reader.tensors}, reader
 
 
 def _dequantize(path: Path, t) -> np.ndarray:
@@ -924,8 +913,9 @@ def plot_results(results: list[EvalResult], out: str | os.PathLike[str], title: 
                      fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.partial.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out

@@ -4,8 +4,8 @@
 
 The header, metadata and every tensor's info go first (gguf's GGUFWriter), then each tensor is
 read, quantized to its planned type and appended; only one tensor and its quantized bytes are in
-memory at a time. The file is written under a temporary name in the destination folder and moved
-into place only once complete, so an error or Ctrl-C never leaves a half-written GGUF behind.
+memory at a time. The file is written through mixquant.files.atomic_output: under a temporary name
+in the destination folder, moved into place only once complete, never over an input.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from . import formats
 from .errors import MixquantError
+from .files import atomic_output, check_output
 from .source import Source
 
-__all__ = ["ExportResult", "write_gguf", "gguf_file_size", "file_type_for", "check_output"]
+__all__ = ["ExportResult", "write_gguf", "gguf_file_size", "file_type_for"]
 
 
 @dataclass
@@ -101,27 +102,6 @@ def _gguf_value(key: str, value: Any) -> GGUFValue:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return GGUFValue(list(value), VT.ARRAY, VT.STRING)
     raise MixquantError(f"metadata {key!r}: cannot store a {type(value).__name__} value; pass a gguf GGUFValue")
-
-
-def check_output(out_path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]) -> Path:
-    """The output path, if a file may be written there: not a folder, in a folder that exists,
-    and none of `inputs` (None entries skipped), which are never overwritten."""
-    out = Path(out_path).expanduser()
-    if out.is_dir():
-        raise MixquantError(f"{out}: is a folder; give the path of the .gguf file to write")
-    if not out.parent.is_dir():
-        raise MixquantError(f"{out.parent}: output folder does not exist")
-    for f in inputs:
-        if f is not None and (_same_file(out, Path(f)) or out.resolve() == Path(f).expanduser().resolve()):
-            raise MixquantError(f"{out}: refusing to overwrite the input file {f}")
-    return out
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _check_plan(source: Source, plan: Any, importance: dict[str, np.ndarray] | None) -> list[tuple[str, tuple[int, ...], str]]:
@@ -240,7 +220,7 @@ def write_gguf(
         INT32, as llama-quantize does), float (FLOAT32) or list of str.
     """
     start = time.perf_counter()
-    out = check_output(out_path, source.input_files)
+    out = check_output(out_path, [source.path])
 
     tensors = _check_plan(source, plan, importance)
     shapes = {n: s for n, s, _ in tensors}
@@ -248,50 +228,36 @@ def write_gguf(
     file_type = _resolve_file_type(plan, file_type, types, shapes)
     _ = source.metadata  # reads the tokenizer: a bad one fails before any file is created
 
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    except OSError as exc:
-        raise MixquantError(f"{out}: cannot write: {exc.strerror or exc}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
     writer = None
     bar = None
     tensor_bytes = 0
     try:
-        writer = _write_header(tmp, source, tensors, file_type, name, alignment, extra_metadata)
-        bar = tqdm(tensors, desc=f"writing {out.name}", unit="tensor", disable=not progress, leave=False)
-        for tname, shape, tname_type in bar:
-            bar.set_postfix_str(f"{tname} -> {tname_type}", refresh=False)
-            raw = source.raw_data(tname, tname_type)
-            if raw is not None:  # already stored in this type: copied as it is, as llama-quantize does
-                writer.write_tensor_data(raw)
-                tensor_bytes += raw.nbytes
-                continue
-            x = source.tensor(tname)
-            if tuple(x.shape) != tuple(shape):
-                raise MixquantError(f"{source.path}: tensor {tname} has shape {x.shape}, expected {shape}")
-            x2 = x.reshape(math.prod(shape[:-1]), shape[-1])
-            imp = importance.get(tname) if importance is not None else None
-            try:
-                data = formats.quantize(x2, tname_type, importance=imp, threads=threads)
-            except ValueError as exc:
-                raise MixquantError(f"tensor {tname}: cannot quantize to {tname_type}: {exc}") from None
-            del x, x2
-            writer.write_tensor_data(np.frombuffer(data, dtype=np.uint8))
-            tensor_bytes += len(data)
-            del data
-        bar.close()
-        bar = None
-        writer.flush()
-        for fh in writer.fout or []:
-            os.fsync(fh.fileno())
-        writer.close()
-        writer = None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the output is an ordinary file
-        os.replace(tmp, out)
-    except BaseException as exc:
+        with atomic_output(out, [source.path]) as tmp:
+            writer = _write_header(tmp, source, tensors, file_type, name, alignment, extra_metadata)
+            bar = tqdm(tensors, desc=f"writing {out.name}", unit="tensor", disable=not progress, leave=False)
+            for tname, shape, tname_type in bar:
+                bar.set_postfix_str(f"{tname} -> {tname_type}", refresh=False)
+                raw = source.raw_data(tname, tname_type)
+                if raw is not None:  # already stored in this type: copied as it is, as llama-quantize does
+                    writer.write_tensor_data(raw)
+                    tensor_bytes += raw.nbytes
+                    continue
+                x = source.tensor(tname)
+                if tuple(x.shape) != tuple(shape):
+                    raise MixquantError(f"{source.path}: tensor {tname} has shape {x.shape}, expected {shape}")
+                x2 = x.reshape(math.prod(shape[:-1]), shape[-1])
+                imp = importance.get(tname) if importance is not None else None
+                try:
+                    data = formats.quantize(x2, tname_type, importance=imp, threads=threads)
+                except ValueError as exc:
+                    raise MixquantError(f"tensor {tname}: cannot quantize to {tname_type}: {exc}") from None
+                del x, x2
+                writer.write_tensor_data(np.frombuffer(data, dtype=np.uint8))
+                tensor_bytes += len(data)
+                del data
+            writer.close()
+            writer = None
+    finally:
         if bar is not None:
             bar.close()
         if writer is not None:
@@ -299,10 +265,6 @@ def write_gguf(
                 writer.close()
             except Exception:  # noqa: BLE001 - already failing; the original error matters
                 pass
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):  # disk full, permissions, ...
-            raise MixquantError(f"{out}: write failed: {exc.strerror or exc}") from exc
-        raise
 
     return ExportResult(
         path=out,

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from .errors import MixquantError
+
 __all__ = [
     "TensorInfo",
     "ModelInfo",
@@ -69,7 +71,7 @@ class TensorInfo:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "dtype", str(self.dtype).upper())
         if not self.shape or any(s < 0 for s in self.shape):
-            raise ValueError(f"{self.name}: bad shape {self.shape}")
+            raise MixquantError(f"{self.name}: bad shape {self.shape}")
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -119,15 +121,15 @@ class ModelInfo:
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             dup = next(n for n, c in Counter(names).items() if c > 1)
-            raise ValueError(f"tensor {dup!r} listed twice")
+            raise MixquantError(f"tensor {dup!r} listed twice")
         if self.n_layer <= 0:
-            raise ValueError(f"n_layer must be positive, got {self.n_layer}")
+            raise MixquantError(f"n_layer must be positive, got {self.n_layer}")
         if self.tensors:
             derived = OUTPUT not in names
             if self.tied_output is None:
                 object.__setattr__(self, "tied_output", derived)
             elif bool(self.tied_output) != derived:
-                raise ValueError(
+                raise MixquantError(
                     f"tied_output={self.tied_output} but {OUTPUT} is {'absent' if derived else 'present'}; "
                     "llama.cpp treats the output as tied exactly when there is no output.weight"
                 )
@@ -147,9 +149,9 @@ class ModelInfo:
     @classmethod
     def from_gguf(cls, path: str | Path) -> ModelInfo:
         """Read the architecture, hyper-parameters and tensor list of a GGUF file (no tensor data)."""
-        from gguf import GGUFReader
+        from .files import open_gguf
 
-        reader = GGUFReader(str(path))
+        reader = open_gguf(path)
 
         def get(key: str, default=None):
             f = reader.fields.get(key)
@@ -161,22 +163,25 @@ class ModelInfo:
             return value
 
         arch = get("general.architecture")
-        if arch is None:
-            raise ValueError(f"{path}: no general.architecture")
-        n_head = int(get(f"{arch}.attention.head_count", 0))
+        if not isinstance(arch, str):
+            raise MixquantError(f"{path}: malformed GGUF: no general.architecture")
         tensors = tuple(
             TensorInfo(t.name, tuple(int(s) for s in reversed(t.shape.tolist())), t.tensor_type.name)
             for t in reader.tensors
         )
-        return cls(
-            arch=arch,
-            n_layer=int(get(f"{arch}.block_count")),
-            n_head=n_head,
-            n_head_kv=int(get(f"{arch}.attention.head_count_kv", n_head)),
-            n_expert=int(get(f"{arch}.expert_count", 0)),
-            n_embd=int(get(f"{arch}.embedding_length", 0)),
-            tensors=tensors,
-        )
+        try:
+            n_head = int(get(f"{arch}.attention.head_count", 0))
+            return cls(
+                arch=arch,
+                n_layer=int(get(f"{arch}.block_count")),
+                n_head=n_head,
+                n_head_kv=int(get(f"{arch}.attention.head_count_kv", n_head)),
+                n_expert=int(get(f"{arch}.expert_count", 0)),
+                n_embd=int(get(f"{arch}.embedding_length", 0)),
+                tensors=tensors,
+            )
+        except (TypeError, ValueError) as exc:  # a missing or non-numeric hyper-parameter
+            raise MixquantError(f"{path}: malformed GGUF hyper-parameters: {exc}") from None
 
 
 # llama.cpp sets LLM_TYPE_70B in these architectures' load_hparams (src/models/*.cpp)
@@ -198,7 +203,7 @@ def _ggml_type(name: str) -> GGMLQuantizationType:
     try:
         return GGMLQuantizationType[str(name).upper()]
     except KeyError:
-        raise ValueError(
+        raise MixquantError(
             f"unknown tensor type {name!r}; known types: {', '.join(t.name for t in GGMLQuantizationType)}"
         ) from None
 
@@ -234,7 +239,7 @@ def tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
         return quantized_size(codec.name, (rows, cols))
     bs, ts = GGML_QUANT_SIZES[_ggml_type(type_name)]
     if cols % bs:
-        raise ValueError(f"{type_name} needs rows whose length is a multiple of {bs}; got {cols}")
+        raise MixquantError(f"{type_name} needs rows whose length is a multiple of {bs}; got {cols}")
     return rows * (cols // bs) * ts
 
 
@@ -304,7 +309,7 @@ def _resolve(preset: str) -> tuple[str | None, str]:
     if _codec(key) is not None:
         return None, _codec(key).name
     names = sorted(PRESETS) + sorted(PRESET_ALIASES)
-    raise ValueError(
+    raise MixquantError(
         f"unknown preset {preset!r}; valid presets: {', '.join(names)} "
         "(or a single tensor type that mixquant.formats can write)"
     )
@@ -579,9 +584,9 @@ def _layer_info(model: ModelInfo, counter: int, name: str) -> tuple[int, int]:
     if max(1, model.n_expert) > 1:
         il = layer_of(name)
         if il is None:
-            raise ValueError(f"Failed to determine layer for tensor {name}")
+            raise MixquantError(f"Failed to determine layer for tensor {name}")
         if not 0 <= il < model.n_layer:
-            raise ValueError(f"Bad layer {il} for tensor {name}. Must be in [0, {model.n_layer})")
+            raise MixquantError(f"Bad layer {il} for tensor {name}. Must be in [0, {model.n_layer})")
         return il, model.n_layer
     return counter, model.n_layer
 
@@ -686,7 +691,7 @@ def fallback_type(type_name: str, ncols: int) -> str:
     out = _FALLBACK.get(type_name)
     if out is None:
         if bs > 32:
-            raise ValueError(f"no tensor type fallback is defined for type {type_name}")
+            raise MixquantError(f"no tensor type fallback is defined for type {type_name}")
         out = type_name  # already a 32-block type: nothing smaller, so F16 below
     if ncols % block_size(out):
         out = "F16"
@@ -798,15 +803,15 @@ def _parse_tensor_types(tensor_types: Iterable[tuple[str, str] | str]) -> list[t
         if isinstance(item, str):
             pat, sep, typ = item.partition("=")
             if not sep:
-                raise ValueError(f"tensor_types: malformed {item!r}, expected PATTERN=TYPE")
+                raise MixquantError(f"tensor_types: malformed {item!r}, expected PATTERN=TYPE")
         else:
             pat, typ = item
         if not pat:
-            raise ValueError("tensor_types: missing tensor name pattern")
+            raise MixquantError("tensor_types: missing tensor name pattern")
         try:
             out.append((re.compile(str(pat).lower()), _ggml_type(typ).name))
         except re.error as e:
-            raise ValueError(f"tensor_types: bad pattern {pat!r}: {e}") from None
+            raise MixquantError(f"tensor_types: bad pattern {pat!r}: {e}") from None
     return out
 
 

@@ -279,10 +279,52 @@ class Recipe:
         return {n: t for n, t in types.items() if t is not None and n in quantizable}
 
 
+# A recipe is a few dozen lines: these limits stop a small file expanding into gigabytes (a YAML
+# "billion laughs" nests aliases of aliases) or recursing past Python's stack.
+_MAX_RECIPE_BYTES = 1 << 20
+_MAX_NODES = 100_000  # after aliases are expanded
+_MAX_DEPTH = 32
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml's safe loader (no Python objects) refusing alias bombs and deep nesting."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}  # node id -> nodes it expands to (an alias reuses its anchor's node)
+
+        def expanded(n) -> int:
+            if id(n) not in sizes:
+                sizes[id(n)] = _MAX_NODES + 1  # while counting: an alias of itself expands forever
+                children = n.value if isinstance(n, yaml.SequenceNode) else \
+                    [x for kv in n.value for x in kv] if isinstance(n, yaml.MappingNode) else []
+                sizes[id(n)] = min(1 + sum(expanded(c) for c in children), _MAX_NODES + 1)
+            return sizes[id(n)]
+
+        if expanded(node) > _MAX_NODES:
+            raise yaml.YAMLError(f"expands to more than {_MAX_NODES:,} values (aliases of aliases)")
+        return node
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                raise yaml.YAMLError(f"nested more than {_MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def parse_recipe(text: str, where: str = "recipe") -> Recipe:
     """A recipe from YAML text; `where` names it in error messages."""
+    if len(text) > _MAX_RECIPE_BYTES:
+        raise MixquantError(f"{where}: {len(text):,} characters; a recipe is at most {_MAX_RECIPE_BYTES:,}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""

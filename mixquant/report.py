@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .errors import MixquantError
+from .files import atomic_output, write_text
 
 __all__ = ["write_report", "KINDS"]
 
@@ -62,10 +63,11 @@ def _pyplot():
 
 def _save(fig, path: Path) -> str:
     plt = _pyplot()
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return f"plots/{path.name}"
 
 
@@ -469,8 +471,4 @@ def write_report(
 
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mixquant analysis</title>"
             f"<style>{_STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
-    path = out / "report.html"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(out / "report.html", page)

@@ -34,6 +34,7 @@ from gguf.gguf_writer import GGUFValue
 from . import arch as arches
 from .arch import permute_qk
 from .errors import MixquantError
+from .files import note_input, open_gguf
 from .plan import ModelInfo, TensorInfo
 
 if TYPE_CHECKING:
@@ -174,7 +175,9 @@ def _release(mapped: np.memmap, start: int, nbytes: int) -> None:
 
 
 def _check_finite(x: np.ndarray, name: str, where: Path) -> None:
-    if np.isfinite(np.sum(x, dtype=np.float64)):  # no temporary the size of the tensor
+    with np.errstate(all="ignore"):  # inf + -inf is the NaN looked for here, not worth a warning
+        total = np.sum(x, dtype=np.float64)
+    if np.isfinite(total):  # no temporary the size of the tensor
         return
     bad = ~np.isfinite(x)
     if bad.any():
@@ -190,6 +193,8 @@ def _read_json(path: Path, what: str) -> Any:
             return json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MixquantError(f"{path}: malformed {what}: {exc}") from None
+    except RecursionError:
+        raise MixquantError(f"{path}: malformed {what}: nested too deeply") from None
 
 
 class Source:
@@ -301,6 +306,8 @@ def _scan_safetensors(path: Path) -> dict[str, _StEntry]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MixquantError(f"{path}: corrupt safetensors header: {exc}") from None
+    except RecursionError:
+        raise MixquantError(f"{path}: corrupt safetensors header: nested too deeply") from None
     if not isinstance(header, dict):
         raise MixquantError(f"{path}: corrupt safetensors header: not a JSON object")
     data_start = 8 + n
@@ -339,6 +346,7 @@ class HFSource(Source):
 
     def __init__(self, folder: Path):
         self.path = self.hf_folder = folder
+        note_input(folder)  # every file in it: an output may not replace one
         config_path = folder / "config.json"
         config = _read_json(config_path, "config.json")
         if not isinstance(config, dict):
@@ -359,7 +367,11 @@ class HFSource(Source):
         self.n_layer = need(["num_hidden_layers", "n_layers", "n_layer", "num_layers"])
         self.n_embd = need(["hidden_size", "n_embd", "dim"])
         self.n_head = need(["num_attention_heads", "n_head", "n_heads"])
-        self.n_head_kv = int(_find_hparam(hp, ["num_key_value_heads", "n_kv_heads"]) or self.n_head)
+        kv_keys = ["num_key_value_heads", "n_kv_heads"]
+        self.n_head_kv = self.n_head if _find_hparam(hp, kv_keys) is None else need(kv_keys)
+        if self.n_head % self.n_head_kv:
+            raise MixquantError(f"{config_path}: malformed config.json: {self.n_head} attention heads do not "
+                                f"share {self.n_head_kv} key/value heads evenly")
         self.n_expert = int(_find_hparam(hp, ["num_local_experts", "num_experts", "n_routed_experts"]) or 0)
         need(["intermediate_size"])
         self.vocab_size = need(["vocab_size"])
@@ -370,12 +382,17 @@ class HFSource(Source):
 
         self._check_tokenizer(folder)
         self._entries = self._scan_weights(folder)
+        if self.n_layer > len(self._entries):  # before anything sized by it (name maps, required lists)
+            raise MixquantError(f"{config_path}: num_hidden_layers is {self.n_layer} but the weights hold only "
+                                f"{len(self._entries)} tensors")
         self._maps: dict[Path, np.memmap] = {}
         self._loaders: dict[str, Callable[[], np.ndarray]] = {}
         self._types: dict[str, str] = {}
         dims = ModelInfo(arch=self.arch, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
                          n_expert=self.n_expert, n_embd=self.n_embd, tied_output=self.tied)  # no tensors yet
-        self.model = replace(dims, tensors=self._map_tensors(dims))
+        infos = self._map_tensors(dims)
+        self._check_shapes(infos, config_path)
+        self.model = replace(dims, tensors=infos)
 
     # -- config -----------------------------------------------------------------------------
 
@@ -498,6 +515,24 @@ class HFSource(Source):
             self._types[name] = "F32"
             self._loaders[name] = load
         return [infos[n] for n in sorted(infos, key=_tensor_order)]
+
+    def _check_shapes(self, infos: list[TensorInfo], config_path: Path) -> None:
+        """config.json against the tensors' shapes (GGUF orientation, (rows, cols)): a transposed
+        weight, a wrong head count or vocabulary size would give a GGUF llama.cpp refuses."""
+        head_dim = self.config.get("head_dim") or self.n_embd // self.n_head
+        if not isinstance(head_dim, int) or head_dim <= 0:
+            raise MixquantError(f"{config_path}: malformed config.json: head_dim {head_dim!r}")
+        n_ff = self.config.get("intermediate_size")
+        e, v = self.n_embd, self.vocab_size
+        expected = self.adapter.expected_shapes(e, self.n_head * head_dim, self.n_head_kv * head_dim, head_dim,
+                                                n_ff, v)
+        for t in infos:
+            want = expected.get(t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name)
+            if want is not None and tuple(t.shape) != want:
+                raise MixquantError(
+                    f"{config_path}: config.json does not match the weights: {t.name} has shape {list(t.shape)}, "
+                    f"the config (hidden_size {e}, {self.n_head} heads, {self.n_head_kv} KV heads, head_dim "
+                    f"{head_dim}, intermediate_size {n_ff}, vocab_size {v}) gives {list(want)}")
 
     def _first_file(self) -> Path:
         return next(iter(self._entries.values())).file if self._entries else self.path
@@ -734,19 +769,6 @@ def _tensor_order(name: str) -> tuple:
 _PLAIN_FLOATS = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
 
-class _GGUFReader(gguf.GGUFReader):
-    """gguf's reader, slicing a plain ndarray view of its map: numpy's memmap subclass makes each
-    of the ~250k small slices a tokenizer's metadata needs slow (seconds per file otherwise)."""
-
-    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)
-        dtype = np.dtype(dtype)
-        arr = plain[offset : offset + dtype.itemsize * int(count)].view(dtype)
-        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
-
-
 class GGUFSource(Source):
     """A GGUF file: float tensors read directly, quantized ones dequantized (only if allowed)."""
 
@@ -754,26 +776,29 @@ class GGUFSource(Source):
 
     def __init__(self, path: Path, allow_requantize: bool = False):
         self.path = path
-        try:
-            reader = _GGUFReader(path, "r")
-        except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, IndexError, struct.error...
-            raise MixquantError(f"{path}: not a valid GGUF file or truncated: {exc}") from None
+        reader = open_gguf(path)
         self._reader = reader
-        size = path.stat().st_size
-        self._tensors = {}
-        for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise MixquantError(f"{path}: truncated GGUF file: tensor {t.name} extends past the end of the file")
-            self._tensors[t.name] = t
+        self._tensors = {t.name: t for t in reader.tensors}
 
         fields = reader.fields
         arch_field = fields.get(gguf.Keys.General.ARCHITECTURE)
         if arch_field is None:
             raise MixquantError(f"{path}: malformed GGUF: no general.architecture")
-        arch = str(arch_field.contents())
+        arch = _text(bytes(arch_field.parts[-1])) if arch_field.types == [GGUFValueType.STRING] else None
+        if not isinstance(arch, str):
+            raise MixquantError(f"{path}: malformed GGUF: general.architecture is not a UTF-8 string")
         self.adapter = arches.for_gguf_arch(arch, path)
         self.arch = arch
-        if (split := fields.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)) is not None and int(split.contents()) > 1:
+        def number(f: Any) -> int:
+            """A numeric field's value; of a numeric array (per-layer values), its first item."""
+            scalar = f.types[-1] not in (GGUFValueType.STRING, GGUFValueType.ARRAY) if f.types else False
+            per_layer = scalar and f.types[0] == GGUFValueType.ARRAY and len(f.types) == 2 and len(f.data) > 0
+            v = f.contents(0) if per_layer else f.contents() if scalar and len(f.types) == 1 else None
+            if not isinstance(v, (int, float)) or v != v or abs(v) > 2**62:
+                raise MixquantError(f"{path}: malformed GGUF: {f.name} is not a number")
+            return int(v)
+
+        if (split := fields.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)) is not None and number(split) > 1:
             raise MixquantError(f"{path}: split GGUF files are not supported; merge them with llama-gguf-split --merge")
 
         def num(key: str, default: int | None = None) -> int:
@@ -782,8 +807,7 @@ class GGUFSource(Source):
                 if default is None:
                     raise MixquantError(f"{path}: malformed GGUF: no {arch}.{key}")
                 return default
-            v = f.contents()
-            return int(v[0] if isinstance(v, list) else v)
+            return number(f)
 
         n_head = num("attention.head_count")
         infos = [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)

@@ -35,6 +35,9 @@ __all__ = ["read_text", "read_json", "write_json", "adds_bos", "tokenize", "toke
 
 def read_bytes(path: str | Path) -> bytes:
     """A whole input file; an unreadable one is a one-line MixquantError naming it."""
+    from .files import note_input
+
+    note_input(path)
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -49,21 +52,15 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise MixquantError(f"{path}: not JSON: {exc}") from None
+    except RecursionError:
+        raise MixquantError(f"{path}: not usable JSON: nested too deeply") from None
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write `data` as JSON atomically: a temporary file renamed into place, never half a file."""
-    path = Path(path).expanduser()
-    if not path.parent.is_dir():
-        raise MixquantError(f"{path.parent}: output folder does not exist")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise MixquantError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return path
+    """Write `data` as JSON atomically (mixquant.files: never half a file, never over an input)."""
+    from .files import write_text
+
+    return write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
 def read_text(path: str | Path) -> str:

@@ -223,7 +223,8 @@ def setup_measurer(src: Source, text: str | os.PathLike[str] | None, windows: to
         raise MixquantError(f"score_from must be in [0, {t - 2}], got {first}")
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True,
+                                                         use_safetensors=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise MixquantError(f"{folder}: transformers cannot load the model: {exc}") from None
     model.eval()

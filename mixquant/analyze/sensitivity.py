@@ -7,12 +7,15 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from ..calibrate import Distribution
 from ..errors import MixquantError
+
+if TYPE_CHECKING:
+    from ..plan import ModelInfo
 
 SCHEMA = "mixquant.sensitivity/2"
 _READABLE = (SCHEMA, "mixquant.sensitivity/1")  # /1: the same without fisher, reference, layer_sweep
@@ -47,6 +50,28 @@ class TensorSensitivity:
     @property
     def n_elements(self) -> int:
         return math.prod(self.shape)
+
+
+def _check_costs(t: TensorSensitivity) -> None:
+    """A tensor read from a file: each type's bytes are what its shape takes in that type, and its
+    damages are finite and not negative (the allocator trusts both)."""
+    from .. import formats
+
+    if not t.shape or any(d <= 0 for d in t.shape) or len(t.shape) > 4:
+        raise ValueError(f"tensor {t.name}: bad shape {list(t.shape)}")
+    rows, cols = math.prod(t.shape[:-1]), t.shape[-1]
+    for typ, c in t.types.items():
+        try:
+            expected = formats.quantized_size(typ, (rows, cols))
+        except ValueError as exc:
+            raise ValueError(f"tensor {t.name} type {typ}: {exc}") from None
+        if c.bytes != expected:
+            raise ValueError(f"tensor {t.name} {list(t.shape)} takes {expected} bytes in {typ}, "
+                             f"the file says {c.bytes}")
+        for what in ("predicted", "measured", "fisher"):
+            v = getattr(c, what)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"tensor {t.name} type {typ}: {what} damage {v} is not a finite number >= 0")
 
 
 @dataclass
@@ -339,6 +364,7 @@ class Sensitivity:
                     weights=None if t.get("weights") is None else Distribution.from_dict(t["weights"]))
                 if not types:
                     raise ValueError(f"tensor {name} has no types")
+                _check_costs(tensors[str(name)])
             factors = {str(c): {str(t): float(v) for t, v in f.items()}
                        for c, f in (d.get("type_factors") or {}).items()}
             ref = d.get("reference")
@@ -347,10 +373,26 @@ class Sensitivity:
                                  ppl=float(r["ppl"]), delta_ppl=float(r["delta_ppl"]),
                                  types_used={str(k): str(v) for k, v in r["types_used"].items()})
                      for r in d.get("layer_sweep") or []]
+            model, settings = dict(d.get("model") or {}), dict(d.get("settings") or {})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MixquantError(f"{where}: malformed sensitivity data: {exc}") from None
-        return cls(tensors=tensors, model=dict(d.get("model") or {}), settings=dict(d.get("settings") or {}),
+        return cls(tensors=tensors, model=model, settings=settings,
                    type_factors=factors, reference=reference, layer_sweep=sweep)
+
+    def check_model(self, model: ModelInfo, where: str = "sensitivity") -> None:
+        """A one-line MixquantError unless this sensitivity was measured on `model`: the same
+        tensors with the same shapes."""
+        shapes = {t.name: tuple(t.shape) for t in model.tensors}
+        for name, t in self.tensors.items():
+            if name not in shapes:
+                raise MixquantError(f"{where}: measured on another model: it has tensor {name}, this model does not")
+            if tuple(t.shape) != shapes[name]:
+                raise MixquantError(f"{where}: measured on another model: tensor {name} has shape {list(t.shape)} "
+                                    f"there, {list(shapes[name])} here")
+        missing = [n for n in shapes if n not in self.tensors]
+        if missing:
+            raise MixquantError(f"{where}: measured on another model: it lacks {len(missing)} of this model's "
+                                f"tensors, e.g. {missing[0]}")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as JSON (atomically: a temporary file renamed into place)."""

@@ -140,6 +140,18 @@ class Adapter:
             return f"tensor {name} has {shape[0]} rows, not divisible by 2 x {heads} heads"
         return None
 
+    def expected_shapes(self, n_embd: int, q_rows: int, kv_rows: int, head_dim: int, n_ff: int | None,
+                        n_vocab: int) -> dict[str, tuple[int, ...]]:
+        """GGUF shape (rows, cols) of each tensor kind ("attn_q.weight", or a whole name outside the
+        blocks) as config.json gives it, to catch a checkpoint that disagrees with its config."""
+        e = n_embd
+        return {"token_embd.weight": (n_vocab, e), "output.weight": (n_vocab, e), "output_norm.weight": (e,),
+                "attn_norm.weight": (e,), "ffn_norm.weight": (e,), "attn_q.weight": (q_rows, e),
+                "attn_k.weight": (kv_rows, e), "attn_v.weight": (kv_rows, e), "attn_output.weight": (e, q_rows),
+                "ffn_gate.weight": (n_ff, e), "ffn_up.weight": (n_ff, e), "ffn_down.weight": (e, n_ff),
+                "attn_q.bias": (q_rows,), "attn_k.bias": (kv_rows,), "attn_v.bias": (kv_rows,),
+                "attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,)}
+
     def to_gguf(self, name: str, x: np.ndarray, info: ModelInfo) -> np.ndarray:
         """A checkpoint tensor (float32, transformers layout) -> the values convert_hf_to_gguf writes."""
         heads = self._qk_heads(name, info)

@@ -27,6 +27,13 @@ class Phi3(Adapter):
     norm_feeds = {"attn_norm": ("attn_qkv",), "ffn_norm": ("ffn_up",), "attn_qkv": ("attn_output",),
                   "ffn_up": ("ffn_down",)}
 
+    def expected_shapes(self, n_embd: int, q_rows: int, kv_rows: int, head_dim: int, n_ff: int | None,
+                        n_vocab: int) -> dict[str, tuple[int, ...]]:
+        shapes = super().expected_shapes(n_embd, q_rows, kv_rows, head_dim, n_ff, n_vocab)
+        shapes["attn_qkv.weight"] = (q_rows + 2 * kv_rows, n_embd)
+        shapes["ffn_up.weight"] = (None if n_ff is None else 2 * n_ff, n_embd)  # gate and up, fused
+        return shapes
+
     def add_hparams(self, w: GGUFWriter, hp: dict[str, Any], src: HFSource) -> None:
         """Phi3MiniModel.set_gguf_parameters (its keys over TextModel's)."""
         from ..source import _find_hparam, _rope_parameters

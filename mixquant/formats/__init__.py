@@ -32,6 +32,7 @@ _drop_stale_kernel_cache()
 
 from . import floats, iquants, kquants, legacy  # noqa: E402, F401  (registration)
 from .base import REGISTRY, Codec
+from ..errors import MixquantError
 
 __all__ = ["Codec", "FORMATS", "get", "quantize", "dequantize", "quantized_size"]
 
@@ -45,7 +46,7 @@ def get(type_name: str) -> Codec:
     """The codec for a GGUF type name such as "Q4_K" (case-insensitive)."""
     codec = REGISTRY.get(str(type_name).upper())
     if codec is None:
-        raise ValueError(f"unknown tensor type {type_name!r}; known types: {', '.join(FORMATS)}")
+        raise MixquantError(f"unknown tensor type {type_name!r}; known types: {', '.join(FORMATS)}")
     return codec
 
 
@@ -105,7 +106,7 @@ def quantized_size(type_name: str, shape: tuple[int, int]) -> int:
     codec = get(type_name)
     rows, cols = shape
     if cols % codec.block_size:
-        raise ValueError(f"{codec.name} needs rows whose length is a multiple of {codec.block_size}; got {cols}")
+        raise MixquantError(f"{codec.name} needs rows whose length is a multiple of {codec.block_size}; got {cols}")
     return rows * codec.row_bytes(cols)
 
 
@@ -118,5 +119,5 @@ def dequantize(data: bytes | np.ndarray, type_name: str, shape: tuple[int, int])
     expected = quantized_size(codec.name, (rows, cols))
     raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data.view(np.uint8).reshape(-1)
     if raw.size != expected:
-        raise ValueError(f"{codec.name} data for shape {(rows, cols)} must be {expected} bytes, got {raw.size}")
+        raise MixquantError(f"{codec.name} data for shape {(rows, cols)} must be {expected} bytes, got {raw.size}")
     return codec.dequantize_rows(raw.reshape(rows, codec.row_bytes(cols)))
