@@ -829,7 +829,8 @@ def check_items(items: Iterable[str], model_info: ModelInfo, imatrix: Importance
 
 
 def evaluate(src: ModelRef, text: str | os.PathLike[str], *, gguf_path: str | os.PathLike[str] | None = None,
-             plan: Plan | Mapping[str, str] | str | None = None, imatrix: Importance | None = None, ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
+             plan: Plan | Mapping[str, str] | str | None = None, imatrix: Importance | None = None,
+             ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
              threads: int | None = None, progress: bool = True, cpu_activations: bool = False) -> EvalResult:
     """Evaluate one GGUF file or one plan against the float32 model (reference cached)."""
     if (gguf_path is None) == (plan is None):

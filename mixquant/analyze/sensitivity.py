@@ -290,7 +290,7 @@ class Sensitivity:
         errs: list[float] = []
         plain: list[float] = []
         n_tensors = 0
-        for cat, names in self._by_category().items():
+        for names in self._by_category().values():
             ref, _ = self._factors(r, names)
             for n in names:
                 rn = r.get(n, {})
