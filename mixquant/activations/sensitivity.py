@@ -2,7 +2,8 @@
 stay in full precision for a target KLD.
 
 Per input (q/k/v read one, gate/up another), only that input is quantized and the KLD against
-float32 measured; the inputs are ranked by it. The allocation keeps the k worst inputs in full
+float32 measured (with analyze's incremental runner: only the blocks from that input's on are
+rerun); the inputs are ranked by it. The allocation keeps the k worst inputs in full
 precision and quantizes the rest, for a growing k, and measures the KLD of each (the curve); the
 answer for a target is the smallest measured k whose KLD is at most the target. The measured
 per-input damage is then ranked against the calibration statistics (kurtosis, dynamic range, max
@@ -18,8 +19,8 @@ import numpy as np
 from ..analyze import _spearman
 from . import schemes as sc
 
-__all__ = ["LayerSensitivity", "CurvePoint", "measure_sensitivity", "allocation_curve", "curve_counts",
-           "correlations", "smallest_for"]
+__all__ = ["LayerSensitivity", "CurvePoint", "incremental", "measure_sensitivity", "allocation_curve",
+           "curve_counts", "correlations", "smallest_for", "top_share"]
 
 
 @dataclass
@@ -38,25 +39,37 @@ class LayerSensitivity:
 class CurvePoint:
     float_inputs: int  # the k worst inputs kept in full precision
     kld: float
-    kld_p99: float
-    ppl: float
-    top1: float
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def measure_sensitivity(runner, scheme: sc.Scheme, weights: str, chunks: int | None,
-                        progress=None) -> list[LayerSensitivity]:
+def _block(key: str) -> int:
+    return int(key.split(".")[1])
+
+
+def incremental(runner, weights: str, windows):
+    """analyze's incremental runner on `windows`: the model with float activations (and `weights`)
+    run once with every block's input cached; a measurement reruns only from the first block whose
+    input it quantizes. KLD is then against this model: the float32 one when weights are "none"."""
+    from ..analyze import _Runner
+
+    with runner.applied(None, weights):
+        return _Runner(runner.ev.model, windows, runner.ev.first)
+
+
+def measure_sensitivity(runner, scheme: sc.Scheme, weights: str, windows, progress: bool = False,
+                        base=None) -> list[LayerSensitivity]:
     """Mean KLD with only one input quantized by `scheme`, for every input; worst first."""
+    from tqdm import tqdm
+
+    base = base or incremental(runner, weights, windows)
     out = []
-    for key in runner.keys:
+    for key in tqdm(runner.keys, desc="sensitivity", unit="input", leave=False, disable=not progress):
         with runner.applied(scheme, weights, keys=[key]):
-            r = runner.ev.score(f"{scheme.name} @ {key}", chunks=chunks)
-        d = runner.stats[key].stream.activation_stat()
-        out.append(LayerSensitivity(key, r.kld_mean, d.dist.kurtosis, d.dynamic_range, d.dist.absmax))
-        if progress:
-            progress(key, r.kld_mean)
+            kld, _ = base.score(_block(key))
+        d = runner.stats[key].stream.activation_stat(top=1)
+        out.append(LayerSensitivity(key, kld, d.dist.kurtosis, d.dynamic_range, d.dist.absmax))
     return sorted(out, key=lambda s: -s.kld)
 
 
@@ -66,15 +79,18 @@ def curve_counts(n: int) -> list[int]:
     return sorted(set(ks))
 
 
-def allocation_curve(runner, scheme: sc.Scheme, weights: str, ranking: list[LayerSensitivity],
-                     chunks: int | None, counts: list[int] | None = None) -> list[CurvePoint]:
+def allocation_curve(runner, scheme: sc.Scheme, weights: str, ranking: list[LayerSensitivity], windows,
+                     counts: list[int] | None = None, base=None) -> list[CurvePoint]:
     """KLD with the k worst inputs (by `ranking`) in full precision and the others quantized."""
+    base = base or incremental(runner, weights, windows)
     order = [s.key for s in ranking]
     points = []
     for k in counts or curve_counts(len(order)):
-        with runner.applied(scheme, weights, keys=order[k:]):
-            r = runner.ev.score(f"{scheme.name}, {k} float inputs", chunks=chunks)
-        points.append(CurvePoint(k, r.kld_mean, r.kld_p99, r.ppl, r.top1))
+        quantized = order[k:]
+        start = min((_block(key) for key in quantized), default=len(base.layers))
+        with runner.applied(scheme, weights, keys=quantized):
+            kld, _ = base.score(start)
+        points.append(CurvePoint(k, kld))
     return points
 
 

@@ -204,10 +204,12 @@ def actquant(src: Any, text: str | Path, calib: str | Path, *, schemes: list[str
         if sensitivity:
             t = time.perf_counter()
             n = min(sensitivity_chunks, ev.n_chunks)
-            ranking = sn.measure_sensitivity(runner, sens_scheme, run_weights, n)
+            base = sn.incremental(runner, run_weights, ev.windows[:n])
+            ranking = sn.measure_sensitivity(runner, sens_scheme, run_weights, None, progress, base=base)
             timings["sensitivity"] = time.perf_counter() - t
             t = time.perf_counter()
-            curve = sn.allocation_curve(runner, sens_scheme, run_weights, ranking, n)
+            curve = sn.allocation_curve(runner, sens_scheme, run_weights, ranking, None, base=base)
+            del base
             timings["allocation curve"] = time.perf_counter() - t
             best = sn.smallest_for(curve, target_kld)
             result.sensitivity, result.curve = ranking, curve
@@ -255,8 +257,8 @@ def format_table(result: ActQuantResult) -> str:
     if result.sensitivity:
         worst = ", ".join(f"{s.key} {s.kld:.4g}" for s in result.sensitivity[:3])
         rho = ", ".join(f"{k} {_rho(v)}" for k, v in result.correlations.items())
-        lines.append(f"sensitivity ({result.sensitivity_scheme}, one input at a time, {result.sensitivity_chunks} "
-                     f"chunk(s)): worst {worst}; Spearman rho with {rho}")
+        lines.append(f"sensitivity ({result.sensitivity_scheme}, one input at a time, KLD against float activations, "
+                     f"{result.sensitivity_chunks} chunk(s)): worst {worst}; Spearman rho with {rho}")
         curve = ", ".join(f"{p.float_inputs}: {p.kld:.4g}" for p in result.curve)
         lines.append(f"KLD with the k worst inputs in float: {curve}")
         if result.chosen is None:
