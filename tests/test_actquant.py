@@ -105,7 +105,9 @@ def test_mse_clip_finds_the_measured_best_clip():
     amax = float(x.abs().max())
     for levels in (127, 7):
         c = sc.mse_clip(h.centers(), h.negative + h.positive, amax, levels)
-        real = lambda clip: float(((sc.symmetric(x, torch.tensor(clip), levels) - x) ** 2).mean())  # noqa: E731
+        def real(clip, levels=levels):
+            return float(((sc.symmetric(x, torch.tensor(clip), levels) - x) ** 2).mean())
+
         brute = min(real(float(t)) for t in amax * torch.logspace(-3, 0, 400))
         assert real(c) <= 1.05 * brute < real(amax), (levels, c, real(c), brute)
 

@@ -253,11 +253,11 @@ def _curve_plot(result: ActQuantResult, plots: Path) -> str | None:
 def activation_section(result: ActQuantResult, plots: Path) -> str:
     """The activation section as HTML (plots written into `plots`, referenced as plots/NAME)."""
     plots.mkdir(parents=True, exist_ok=True)
-    parts = [f"<h2>Activation quantization</h2><p>{html.escape(Path(result.model).name)}: every decoder linear's "
-             f"input fake-quantized to {result.bits} bits in the forward pass; KLD against float32 on "
-             f"{result.chunks} windows of {result.ctx} tokens of {html.escape(Path(result.text).name)} (PPL "
-             f"{result.ppl_ref:.4f}); static ranges from {result.calib_chunks} windows of "
-             f"{html.escape(Path(result.calib).name)}.</p>"]
+    parts = [(f"<h2>Activation quantization</h2><p>{html.escape(Path(result.model).name)}: every decoder linear's "
+              f"input fake-quantized to {result.bits} bits in the forward pass; KLD against float32 on "
+              f"{result.chunks} windows of {result.ctx} tokens of {html.escape(Path(result.text).name)} (PPL "
+              f"{result.ppl_ref:.4f}); static ranges from {result.calib_chunks} windows of "
+              f"{html.escape(Path(result.calib).name)}.</p>")]
     f = findings(result)
     if f:
         parts.append("<h3>Findings</h3><div class='finding'><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in f)

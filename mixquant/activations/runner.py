@@ -11,9 +11,9 @@ is removed afterwards, leaving the original parameter untouched.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.nn.utils import parametrize

@@ -68,7 +68,7 @@ class InputSummary:
     beyond_6sigma: float
     top_channel: int
     top_channel_absmax: float
-    clipped_minmax: float | None = None  # share of values clipped by percentile-99.99-sym
+    clipped_static: float | None = None  # share of values percentile-99.99-sym (else minmax-sym) clipped
     float_columns: float | None = None  # LLM.int8() at its default threshold
 
 
@@ -223,19 +223,17 @@ def actquant(src: Any, text: str | Path, calib: str | Path, *, schemes: list[str
 def _summaries(runner: ActivationRunner, tallies: dict) -> list[InputSummary]:
     clipped = tallies.get("percentile-99.99-sym") or tallies.get("minmax-sym")
     int8 = tallies.get(f"llm.int8-{sc.LLM_INT8_THRESHOLD:g}")
+
+    def share(tally, key: str) -> float | None:
+        hits, total = tally.per_key.get(key, (0.0, 0.0)) if tally is not None else (0.0, 0.0)
+        return hits / total if total else None
+
     out = []
     for key in runner.keys:
         a = runner.stats[key].stream.activation_stat(top=1)
         top = a.top_channels[0]
-
-        def share(tally):
-            if tally is None or key not in tally.per_key or not tally.per_key[key][1]:
-                return None
-            hits, total = tally.per_key[key]
-            return hits / total
-
         out.append(InputSummary(key, a.dist.absmax, a.dist.kurtosis, a.dynamic_range, a.dist.outlier_fraction,
-                                top.channel, top.absmax, share(clipped), share(int8)))
+                                top.channel, top.absmax, share(clipped, key), share(int8, key)))
     return out
 
 
@@ -243,8 +241,8 @@ def format_table(result: ActQuantResult) -> str:
     """The fixed-width table, then the allocation in one line."""
     head = (f"{'scheme':<26} {'bits':>4}  {'weights':<17} {'PPL':>9} {'mean KLD':>10} {'p99 KLD':>9} "
             f"{'top-1':>7} {'outliers':>9} {'seconds':>8}")
-    lines = [f"reference (float32): PPL {result.ppl_ref:.4f} on {result.chunks} chunks of {result.ctx} tokens; "
-             f"static ranges from {result.calib_chunks} chunks of {Path(result.calib).name}", head, "-" * len(head)]
+    lines = [(f"reference (float32): PPL {result.ppl_ref:.4f} on {result.chunks} chunks of {result.ctx} tokens; "
+              f"static ranges from {result.calib_chunks} chunks of {Path(result.calib).name}"), head, "-" * len(head)]
     for r in result.rows:
         out = "" if r.outlier_fraction is None else f"{100 * r.outlier_fraction:.3g}%"
         mark = "" if r.int8_gemm else " *"
