@@ -221,6 +221,7 @@ def mse_clip(values: torch.Tensor, counts: torch.Tensor, amax: float, levels: in
     from amax / 1000 (the error curve has one minimum in practice; a grid is robust where it doesn't)."""
     if amax <= 0:
         return 0.0
+    values, counts = values[counts > 0], counts[counts > 0]  # most bins are empty
     clip = amax * torch.logspace(-3, 0, candidates, dtype=torch.float64)
     err = expected_error_symmetric(values, counts, clip, levels)
     return float(clip[int(torch.argmin(err))])
@@ -238,6 +239,7 @@ def mse_range(neg: tuple[torch.Tensor, torch.Tensor], pos: tuple[torch.Tensor, t
     step = r * (hi - lo) / ((1 << bits) - 1)
     total = torch.zeros_like(r)
     for (v, n), edge in ((neg, -lo), (pos, hi)):
+        v, n = v[n > 0], n[n > 0]  # most bins are empty
         c = (r * edge)[:, None]
         s = step[:, None]
         vv = v[None, :]
