@@ -21,7 +21,7 @@ LIMIT_S = 20 * 60
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--calib-chunks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--schemes", help="comma-separated (default: the whole default table)")

@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=8, help="activation bits: 8 (default) or 4")
     p.add_argument("--schemes", help="comma-separated schemes (default: all, with the threshold and alpha sweeps)")
     p.add_argument("--ctx", type=int, default=512, help="window size (default 512)")
-    p.add_argument("--chunks", type=int, default=4, help="evaluation windows (default 4)")
+    p.add_argument("--chunks", type=int, default=2, help="evaluation windows (default 2)")
     p.add_argument("--calib-chunks", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-input sensitivity and allocation")
     p.add_argument("--sensitivity-scheme", default="minmax-sym", help="scheme of the sensitivity (default minmax-sym)")

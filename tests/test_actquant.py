@@ -215,9 +215,9 @@ def test_cli_json_and_bad_input(tiny, capsys, monkeypatch):
             "--ctx", str(CTX), "--chunks", "1", "--calib-chunks", "1"]
     assert main(base + ["--schemes", "per-token,llm.int8", "--no-sensitivity", "--json", "--bits", "4"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["scheme"] for r in rows] == ["per-token", "llm.int8-6"]
-    assert {"scheme", "ppl", "kld", "top1"} <= set(rows[0]) and "outlier_fraction" not in rows[0]
-    assert "outlier_fraction" in rows[1] and rows[0]["bits"] == 4
+    assert [r["scheme"] for r in rows] == ["weights only (per-channel-int8)", "per-token", "llm.int8-6"]
+    assert {"scheme", "ppl", "kld", "top1"} <= set(rows[1]) and "outlier_fraction" not in rows[1]
+    assert "outlier_fraction" in rows[2] and rows[1]["bits"] == 4 and rows[1]["weights"] == "none"
     for extra, message in ((["--schemes", "foo"], "unknown scheme"),
                            (["--schemes", "percentile-0-sym"], "(0, 100]"),
                            (["--bits", "3"], "bits must be 4 or 8"),

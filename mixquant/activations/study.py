@@ -28,7 +28,7 @@ from .runner import WEIGHT_MODES, ActivationRunner
 __all__ = ["Row", "InputSummary", "ActQuantResult", "actquant", "format_table", "DEFAULT_TARGET_KLD"]
 
 DEFAULT_TARGET_KLD = 0.01
-DEFAULT_CHUNKS = 4
+DEFAULT_CHUNKS = 2
 DEFAULT_CALIB_CHUNKS = 8
 DEFAULT_SENSITIVITY_CHUNKS = 1
 _OUTLIER_KIND = {"llm.int8": "float columns (share of multiply-adds)"}
@@ -170,12 +170,15 @@ def actquant(src: Any, text: str | Path, calib: str | Path, *, schemes: list[str
             rows.append(Row(f"weights only ({weights})", bits, weights, r.ppl, r.kld_mean, r.kld_p99, r.top1,
                             r.seconds))
             run_weights = "plan"
-        elif weights != "none":
-            t = time.perf_counter()
-            with runner.applied(None, weights):
-                r = ev.score(f"weights only ({weights})")
-            rows.append(Row(f"weights only ({weights})", bits, weights, r.ppl, r.kld_mean, r.kld_p99, r.top1,
-                            time.perf_counter() - t))
+        else:  # the weights' own share of the damage (LLM.int8() and SmoothQuant bring int8 weights)
+            alone = weights if weights != "none" else (
+                "per-channel-int8" if any(s.int8_weights for s in plan_list) else None)
+            if alone:
+                t = time.perf_counter()
+                with runner.applied(None, alone):
+                    r = ev.score(f"weights only ({alone})")
+                rows.append(Row(f"weights only ({alone})", bits, alone, r.ppl, r.kld_mean, r.kld_p99, r.top1,
+                                time.perf_counter() - t))
         tallies = {}
         for scheme in plan_list:
             if is_plan and scheme.kind == "smoothquant":
