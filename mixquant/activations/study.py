@@ -242,14 +242,15 @@ def _summaries(runner: ActivationRunner, tallies: dict) -> list[InputSummary]:
 
 def format_table(result: ActQuantResult) -> str:
     """The fixed-width table, then the allocation in one line."""
-    head = (f"{'scheme':<26} {'bits':>4}  {'weights':<17} {'PPL':>9} {'mean KLD':>10} {'p99 KLD':>9} "
+    w = max(26, *(len(r.scheme) + 2 for r in result.rows))
+    head = (f"{'scheme':<{w}} {'bits':>4}  {'weights':<17} {'PPL':>9} {'mean KLD':>10} {'p99 KLD':>9} "
             f"{'top-1':>7} {'outliers':>9} {'seconds':>8}")
     lines = [(f"reference (float32): PPL {result.ppl_ref:.4f} on {result.chunks} chunks of {result.ctx} tokens; "
               f"static ranges from {result.calib_chunks} chunks of {Path(result.calib).name}"), head, "-" * len(head)]
     for r in result.rows:
         out = "" if r.outlier_fraction is None else f"{100 * r.outlier_fraction:.3g}%"
         mark = "" if r.int8_gemm else " *"
-        lines.append(f"{r.scheme + mark:<26} {r.bits:>4}  {r.weights:<17} {r.ppl:9.4f} {r.kld:10.6f} {r.kld_p99:9.5f} "
+        lines.append(f"{r.scheme + mark:<{w}} {r.bits:>4}  {r.weights:<17} {r.ppl:9.4f} {r.kld:10.6f} {r.kld_p99:9.5f} "
                      f"{100 * r.top1:6.2f}% {out:>9} {r.seconds:8.1f}")
     lines.append("outliers: static scales: values clipped; llm.int8: multiply-adds left in float (the extra "
                   "cost)")
