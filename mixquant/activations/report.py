@@ -52,11 +52,16 @@ def findings(result: ActQuantResult) -> list[str]:
             text += f"; per-token scales over blocks of 32 channels, as llama.cpp's CPU backend uses, {blk.kld:.4g} ({_ratio(base.kld, blk.kld)})"
         out.append(text + ".")
     static = [r for r in result.rows if re.match(r"(minmax|percentile|mse)-", r.scheme)]
+    clipped = [r for r in static if r.scheme.startswith("percentile")]
+    if base and clipped and max(r.kld for r in clipped) > base.kld:
+        worst = max(clipped, key=lambda r: r.kld)
+        out.append(f"Clipping at a percentile is worse than min/max here, up to {worst.kld:.3g} ({worst.scheme}, "
+                   f"{100 * (worst.outlier_fraction or 0):.2g}% of values clipped): the few outliers it cuts carry "
+                   "information the model needs.")
     if len(static) > 1:
         best = min(static, key=lambda r: r.kld)
         out.append(f"Of the per-tensor static scales, {best.scheme} is best ({best.kld:.4g}, "
-                   f"{_fmt(100 * (best.outlier_fraction or 0), '.3g')}% of values clipped): clipping the rare "
-                   "outliers buys resolution for the bulk." if best.scheme != "minmax-sym" else
+                   f"{_fmt(100 * (best.outlier_fraction or 0), '.3g')}% of values clipped)." if best.scheme != "minmax-sym" else
                    f"Of the per-tensor static scales, minmax-sym is best ({best.kld:.4g}): clipping does not pay here.")
     w = result.worst
     if w:
@@ -69,7 +74,7 @@ def findings(result: ActQuantResult) -> list[str]:
         below = float(counts[edges <= step / 2].sum() / counts.sum()) if counts.sum() else float("nan")
         out.append(f"The widest input is {w['key']}: max |x| {amax:.4g} on channel {top}, against a median "
                    f"channel max of {float(np.median(absmax)):.3g}. A per-tensor {result.bits}-bit grid spanning it "
-                   f"has a step of {step:.3g}, so at least {100 * below:.1f}% of its values round to zero.")
+                   f"has a step of {step:.3g}: all but {100 * (1 - below):.2g}% of its values round to zero.")
     int8 = sorted(_rows_of(result, "llm.int8"), key=lambda r: sc.parse_scheme(r.scheme).threshold)
     if int8:
         d = next((r for r in int8 if r.scheme == f"llm.int8-{sc.LLM_INT8_THRESHOLD:g}"), int8[0])
@@ -132,13 +137,15 @@ def _layers_plot(result: ActQuantResult, plots: Path) -> str | None:
         return None
     plt = _pyplot()
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6.5), dpi=110, sharex=True)
-    for kind in [k for k in _KIND_ORDER if k in by_kind]:
+    for n, kind in enumerate(k for k in _KIND_ORDER if k in by_kind):
         pts = sorted(by_kind[kind], key=lambda t: t[0])
         blocks = [b for b, _ in pts]
-        a1.plot(blocks, [i.absmax for _, i in pts], marker="o", ms=3, label=kind)
-        a2.plot(blocks, [max(i.beyond_6sigma, 1e-7) for _, i in pts], marker="o", ms=3, label=f"{kind}: > 6σ")
+        color = f"C{n}"
+        a1.plot(blocks, [i.absmax for _, i in pts], marker="o", ms=3, color=color, label=kind)
+        a2.plot(blocks, [max(i.beyond_6sigma, 1e-7) for _, i in pts], marker="o", ms=3, color=color,
+                label=f"{kind}: > 6σ")
         if any(i.float_columns for _, i in pts):
-            a2.plot(blocks, [max(i.float_columns or 0, 1e-7) for _, i in pts], ls="--", lw=1,
+            a2.plot(blocks, [max(i.float_columns or 0, 1e-7) for _, i in pts], ls="--", lw=1, color=color,
                     label=f"{kind}: llm.int8 float share")
     a1.set_yscale("log")
     a1.set_ylabel("max |x| (calibration)")

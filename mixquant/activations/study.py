@@ -99,7 +99,7 @@ class ActQuantResult:
         return {"model": self.model, "text": self.text, "calib": self.calib, "ctx": self.ctx, "chunks": self.chunks,
                 "calib_chunks": self.calib_chunks, "bits": self.bits, "weights": self.weights,
                 "ppl_ref": self.ppl_ref, "rows": [r.to_dict() for r in self.rows],
-                "inputs": [asdict(i) for i in self.inputs],
+                "inputs": [asdict(i) for i in self.inputs], "worst": self.worst,
                 "sensitivity": [s.to_dict() for s in self.sensitivity],
                 "sensitivity_scheme": self.sensitivity_scheme, "sensitivity_chunks": self.sensitivity_chunks,
                 "curve": [p.to_dict() for p in self.curve], "target_kld": self.target_kld, "chosen": self.chosen,
