@@ -31,7 +31,6 @@ DEFAULT_TARGET_KLD = 0.01
 DEFAULT_CHUNKS = 2
 DEFAULT_CALIB_CHUNKS = 8
 DEFAULT_SENSITIVITY_CHUNKS = 1
-_OUTLIER_KIND = {"llm.int8": "float columns (share of multiply-adds)"}
 
 
 @dataclass
