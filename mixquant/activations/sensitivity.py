@@ -102,8 +102,7 @@ def smallest_for(curve: list[CurvePoint], target: float) -> CurvePoint | None:
 
 def correlations(ranking: list[LayerSensitivity]) -> dict[str, float | None]:
     """Spearman's rho between the measured damage and each statistic."""
-    kld = [s.kld for s in ranking]
-    return {stat: _spearman(list(zip([getattr(s, stat) for s in ranking], kld)))
+    return {stat: _spearman([(getattr(s, stat), s.kld) for s in ranking])
             for stat in ("kurtosis", "dynamic_range", "absmax")}
 
 
