@@ -51,7 +51,9 @@ def test_hessian_is_the_sum_of_outer_products_of_the_masked_inputs(tiny):
             model(input_ids=w[None])
     hook.remove()
     x = torch.cat(seen).numpy()[imatrix_token_mask(CHUNKS, CTX, **BATCH).reshape(-1)]
-    np.testing.assert_allclose(cal.hessians.matrix("blk.1.ffn_down_in"), x.T @ x, rtol=1e-6, atol=1e-9)
+    ref = x.T @ x
+    scale = np.sqrt(np.outer(np.diag(ref), np.diag(ref)))  # each window's product is float32: relative to this
+    assert (np.abs(cal.hessians.matrix("blk.1.ffn_down_in") - ref) <= 1e-5 * scale).all()
 
 
 def test_file_round_trip_and_bad_files(tiny, tmp_path):

@@ -20,6 +20,8 @@ The per-column work runs in numba over all rows; Python only loops over blocks.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 from numba import njit, prange
 
@@ -31,6 +33,20 @@ from ..formats.base import Codec
 METHODS = ("rtn", "gptq")
 DEFAULT_DAMP = 0.01
 _LAZY_COLUMNS = 128  # columns per lazy batch (rounded up to whole blocks)
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """torch with n threads meanwhile: small factorisations and products lose more to thread
+    start-up and spinning than they gain (10x slower with 2 threads on a loaded 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
@@ -55,12 +71,12 @@ def inverse_hessian_factor(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndar
     h[dead, dead] = 1.0
     live = diag[~dead]
     h[np.diag_indices_from(h)] += damp * (live.mean() if live.size else 1.0)
-    t = torch.from_numpy(h)
-    chol, info = torch.linalg.cholesky_ex(t)
-    if int(info):
-        raise MixquantError(f"Hessian is singular even with {damp:g} x mean diagonal damping "
-                            f"(not positive definite at column {int(info) - 1})")
-    u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    with _torch_threads(1):
+        chol, info = torch.linalg.cholesky_ex(torch.from_numpy(h))
+        if int(info):
+            raise MixquantError(f"Hessian is singular even with {damp:g} x mean diagonal damping "
+                                f"(not positive definite at column {int(info) - 1})")
+        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
     if int(info):
         raise MixquantError("Hessian is too ill-conditioned to invert in float64")
     return u.numpy()
@@ -116,6 +132,8 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
     unchanged. `importance` is the imatrix vector, used by ggml's scale search as llama-quantize
     uses it.
     """
+    import torch
+
     codec = formats.get(type_name)
     if H is None or codec.frozen is None:
         return formats.quantize(w, codec.name, importance)
@@ -149,6 +167,7 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
             nb = c0 // bsize * codec.type_size
             out[:, nb:nb + codec.type_size] = fr.layout.pack(codes, data)
         if i2 < cols:
-            delta = err @ u[i1:i2, i2:]
+            with _torch_threads(1):
+                delta = (torch.from_numpy(err) @ torch.from_numpy(u[i1:i2, i2:])).numpy()
             np.subtract(work[:, i2:], delta, out=work[:, i2:], where=delta != 0)
     return out.tobytes()
