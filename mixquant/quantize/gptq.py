@@ -124,28 +124,29 @@ def _value_params(codec: Codec, fr, data: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importance: np.ndarray | None = None,
-             *, damp: float = DEFAULT_DAMP) -> bytes:
+             *, damp: float = DEFAULT_DAMP, factor: np.ndarray | None = None) -> bytes:
     """The GGUF bytes of the (rows, cols) float32 matrix `w` in `type_name`, rounded with GPTQ's
     error feedback through H (cols, cols), the sum of x x^T of the input `w` multiplies.
 
     Without H this is `formats.quantize` (round-to-nearest, as llama-quantize). F32/F16/BF16 are
     unchanged. `importance` is the imatrix vector, used by ggml's scale search as llama-quantize
-    uses it.
+    uses it. `factor`: `inverse_hessian_factor(H, damp)` computed already (instead of H).
     """
     import torch
 
     codec = formats.get(type_name)
-    if H is None or codec.frozen is None:
+    if (H is None and factor is None) or codec.frozen is None:
         return formats.quantize(w, codec.name, importance)
     formats._check_matrix(w, codec)
     rows, cols = w.shape
-    if np.shape(H) != (cols, cols):
-        raise MixquantError(f"Hessian of shape {np.shape(H)} does not fit a tensor with {cols} columns")
+    if np.shape(H if factor is None else factor) != (cols, cols):
+        raise MixquantError(f"Hessian of shape {np.shape(H if factor is None else factor)} does not fit a tensor "
+                            f"with {cols} columns")
     used = codec.uses_importance and importance is not None
     imp = formats._check_importance(importance, cols) if used else None
     fr = codec.frozen(used)
     context = fr.row_context(w) if used and fr.row_context is not None else None
-    u = inverse_hessian_factor(H, damp)
+    u = inverse_hessian_factor(H, damp) if factor is None else factor
 
     bsize = codec.block_size
     lazy = max(bsize, -(-_LAZY_COLUMNS // bsize) * bsize)
@@ -171,3 +172,37 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
                 delta = (torch.from_numpy(err) @ torch.from_numpy(u[i1:i2, i2:])).numpy()
             np.subtract(work[:, i2:], delta, out=work[:, i2:], where=delta != 0)
     return out.tobytes()
+
+
+class HessianQuantizer:
+    """The per-tensor quantizer `export.write_gguf` takes for `--method gptq`: GPTQ for every tensor
+    whose input has a Hessian, round-to-nearest for the rest (norms, an untied token embedding,
+    inputs the Hessians leave out). The factor of H^-1 is computed once per input (q/k/v share it).
+    """
+
+    def __init__(self, hessians, model, damp: float = DEFAULT_DAMP):
+        from ..calibrate import input_of
+        from ..hessians import model_shape
+
+        self.hessians = hessians
+        self.damp = damp
+        hessians.check_model(model_shape(model), str(hessians.path or "Hessians"))
+        self._key = {t.name: input_of(t.name, tied_output=bool(model.tied_output)) for t in model.tensors}
+        for t in model.tensors:  # refuse Hessians of another shape before any work
+            key = self._key[t.name]
+            if key in hessians and len(t.shape) == 2 and hessians.cols(key) != t.shape[-1]:
+                raise MixquantError(f"{hessians.path or 'Hessians'}: Hessians are for another model ({key} has "
+                                    f"{hessians.cols(key)} columns, {t.name} has {t.shape[-1]})")
+        self._factors: dict[str, np.ndarray] = {}
+        self.gptq_tensors = 0
+
+    def __call__(self, name: str, w: np.ndarray, type_name: str, importance: np.ndarray | None) -> bytes:
+        key = self._key.get(name)
+        codec = formats.get(type_name)
+        if key not in self.hessians or codec.frozen is None:
+            return formats.quantize(w, type_name, importance)
+        if key not in self._factors:
+            self._factors.clear()  # tensors come block by block: keep only the current input's factor
+            self._factors[key] = inverse_hessian_factor(self.hessians.matrix(key), self.damp)
+        self.gptq_tensors += 1
+        return quantize(w, type_name, importance=importance, factor=self._factors[key])
