@@ -23,6 +23,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,12 +35,13 @@ PLANS = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 
 def measured(cmd: list[str]) -> tuple[float, float]:
     """Run cmd; (wall seconds, peak RSS in MB) of that process (GNU time)."""
-    start = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed: {done.stderr[-2000:]}")
-    return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        start = time.perf_counter()
+        done = subprocess.run(["/usr/bin/time", "-o", rss.name, "-f", "%M", *cmd], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed: {done.stderr[-2000:]}")
+        return seconds, int(rss.read().split()[-1]) / 1024
 
 
 def main() -> int:

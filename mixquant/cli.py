@@ -271,13 +271,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         out = _output_folder(args.output)
         start = time.perf_counter()
         cal = calibrate(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=progress,
-                        dataset=str(text), output_importance=not args.no_output_importance, hessians=True)
+                        dataset=str(text), output_importance=not args.no_output_importance,
+                        hessians=not args.no_hessians)
         write_imatrix(cal.imatrix, out / "imatrix.gguf")
-        cal.hessians.save(out / "hessians.safetensors")
+        if cal.hessians is not None:
+            cal.hessians.save(out / "hessians.safetensors")
         cal.activations.save(out / "activations.json")
-        timings["calibration (imatrix, activations, Hessians)"] = time.perf_counter() - start
-        print(f"imatrix: {out / 'imatrix.gguf'}, activations: {out / 'activations.json'}, hessians: "
-              f"{out / 'hessians.safetensors'} ({cal.imatrix.chunks} chunks of {args.ctx} tokens)")
+        timings["calibration (imatrix, activations)"] = time.perf_counter() - start
+        hess = "" if cal.hessians is None else f", hessians: {out / 'hessians.safetensors'}"
+        print(f"imatrix: {out / 'imatrix.gguf'}, activations: {out / 'activations.json'}{hess} "
+              f"({cal.imatrix.chunks} chunks of {args.ctx} tokens)")
         sens = analyze(source, cal.imatrix, text=text, types=types,
                        n_windows=args.windows, fisher=not args.no_fisher, layer_sweep_types=sweep,
                        threads=args.threads, progress=progress)
@@ -471,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-output-importance", action="store_true",
                    help="leave the tied output/token embedding out of the imatrix, as llama-imatrix does")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--no-hessians", action="store_true", help="skip hessians.safetensors (the inputs' sum x x^T "
+                   "for quantize --method gptq: sum of cols^2 x 8 bytes, refused over 4 GiB)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_analyze)
 
