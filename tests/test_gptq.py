@@ -28,7 +28,9 @@ def test_diagonal_hessian_gives_the_round_to_nearest_bytes(type_name):
         h = _diagonal_hessian(3, dead)
         for case, x in tensor_cases(COLS, 8).items():
             for imp_name, imp in importance_cases(COLS).items():
-                assert quantize(x, type_name, h, imp) == formats.quantize(x, type_name, imp), (case, imp_name, dead)
+                ref = formats.quantize(x, type_name, imp)
+                assert quantize(x, type_name, h, imp) == ref, (case, imp_name, dead)
+                assert quantize(x, type_name, h, imp, act_order=True) == ref, (case, imp_name, dead, "act-order")
 
 
 def _correlated(rows: int, seed: int = 0):
@@ -50,6 +52,8 @@ def test_correlated_hessian_lowers_the_output_error(type_name):
         gptq = formats.dequantize(data, type_name, w.shape)  # ordinary blocks of the type
         ratio = output_error(w, gptq, h) / output_error(w, rtn, h)
         assert ratio < 0.85, (type_name, importance is not None, ratio)
+        static = formats.dequantize(quantize(w, type_name, h, importance, act_order=True), type_name, w.shape)
+        assert output_error(w, static, h) / output_error(w, rtn, h) < 0.85, (type_name, "act-order")
 
 
 def test_float_types_and_no_hessian_are_round_to_nearest():

@@ -21,6 +21,7 @@ The per-column work runs in numba over all rows; Python only loops over blocks.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
@@ -128,54 +129,95 @@ def _value_params(codec: Codec, fr, data: np.ndarray) -> tuple[np.ndarray, np.nd
     return s, v0 - s * fr.values[c0]
 
 
+@dataclass(frozen=True)
+class Factor:
+    """What the sweep needs of H: the column order (None: natural; act-order: by descending
+    diag(H)) and U, the upper Cholesky factor of the dampened H^-1 in that order."""
+
+    u: np.ndarray
+    order: np.ndarray | None = None
+
+
+def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -> Factor:
+    if not act_order:
+        return Factor(inverse_hessian_factor(h, damp))
+    order = np.argsort(-np.diagonal(np.asarray(h)), kind="stable")
+    return Factor(inverse_hessian_factor(np.asarray(h)[np.ix_(order, order)], damp), order)
+
+
 def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importance: np.ndarray | None = None,
-             *, damp: float = DEFAULT_DAMP, factor: np.ndarray | None = None) -> bytes:
+             *, damp: float = DEFAULT_DAMP, act_order: bool = False, prepared: Factor | None = None) -> bytes:
     """The GGUF bytes of the (rows, cols) float32 matrix `w` in `type_name`, rounded with GPTQ's
     error feedback through H (cols, cols), the sum of x x^T of the input `w` multiplies.
 
     Without H this is `formats.quantize` (round-to-nearest, as llama-quantize). F32/F16/BF16 are
     unchanged. `importance` is the imatrix vector, used by ggml's scale search as llama-quantize
-    uses it. `factor`: `inverse_hessian_factor(H, damp)` computed already (instead of H).
+    uses it. act_order: static groups (every block fitted on the original weights first, then the
+    columns swept by descending diag(H); GGUF has no column index, so codes go back in place).
+    `prepared`: `factor(H, damp, act_order)` computed already (instead of H).
     """
     import torch
 
     codec = formats.get(type_name)
-    if (H is None and factor is None) or codec.frozen is None:
+    if (H is None and prepared is None) or codec.frozen is None:
         return formats.quantize(w, codec.name, importance)
     formats._check_matrix(w, codec)
     rows, cols = w.shape
-    if np.shape(H if factor is None else factor) != (cols, cols):
-        raise MixquantError(f"Hessian of shape {np.shape(H if factor is None else factor)} does not fit a tensor "
-                            f"with {cols} columns")
+    shape = np.shape(H) if prepared is None else prepared.u.shape
+    if shape != (cols, cols):
+        raise MixquantError(f"Hessian of shape {shape} does not fit a tensor with {cols} columns")
     used = codec.uses_importance and importance is not None
     imp = formats._check_importance(importance, cols) if used else None
     fr = codec.frozen(used)
     context = fr.row_context(w) if used and fr.row_context is not None else None
-    u = inverse_hessian_factor(H, damp) if factor is None else factor
+    fac = factor(H, damp, act_order) if prepared is None else prepared
+    u = fac.u
 
     bsize = codec.block_size
     lazy = max(bsize, -(-_LAZY_COLUMNS // bsize) * bsize)
     out = np.empty((rows, codec.row_bytes(cols)), dtype=np.uint8)
-    work = w.astype(np.float64)
-    codes = np.empty((rows, bsize), dtype=np.int64)
+
+    def fit(block_w: np.ndarray, c0: int):
+        data, scale, offset = fr.fit(block_w.astype(np.float32), None if imp is None else imp[c0:c0 + bsize], context)
+        return (data, scale, offset, fr.layout.unpack(data), *_value_params(codec, fr, data))
+
+    if fac.order is not None:  # static groups: all fits first, then one sweep in the order of U
+        fits = [fit(w[:, c0:c0 + bsize], c0) for c0 in range(0, cols, bsize)]
+        per_col = [np.ascontiguousarray(np.concatenate([f[k] for f in fits], axis=1)[:, fac.order]) for k in range(1, 6)]
+        work = np.ascontiguousarray(w.astype(np.float64)[:, fac.order])
+        codes = np.empty((rows, cols), dtype=np.int64)
+    else:
+        work = w.astype(np.float64)
+        codes = np.empty((rows, bsize), dtype=np.int64)
     for i1 in range(0, cols, lazy):
         i2 = min(cols, i1 + lazy)
         batch = np.ascontiguousarray(work[:, i1:i2])
         err = np.zeros_like(batch)
         u1 = np.ascontiguousarray(u[i1:i2, i1:i2])
-        for b0 in range(0, i2 - i1, bsize):
-            c0 = i1 + b0
-            data, scale, offset = fr.fit(batch[:, b0:b0 + bsize].astype(np.float32),
-                                         None if imp is None else imp[c0:c0 + bsize], context)
-            value_scale, value_offset = _value_params(codec, fr, data)
-            _sweep_block(batch, err, u1, b0, scale, offset, fr.layout.unpack(data), fr.family, fr.params,
-                         value_scale, value_offset, fr.values, codes)
-            nb = c0 // bsize * codec.type_size
-            out[:, nb:nb + codec.type_size] = fr.layout.pack(codes, data)
+        if fac.order is not None:
+            scale, offset, fit_codes, value_scale, value_offset = (np.ascontiguousarray(a[:, i1:i2]) for a in per_col)
+            part = np.empty((rows, i2 - i1), dtype=np.int64)
+            _sweep_block(batch, err, u1, 0, scale, offset, fit_codes, fr.family, fr.params, value_scale,
+                         value_offset, fr.values, part)
+            codes[:, i1:i2] = part
+        else:
+            for b0 in range(0, i2 - i1, bsize):
+                c0 = i1 + b0
+                data, scale, offset, fit_codes, value_scale, value_offset = fit(batch[:, b0:b0 + bsize], c0)
+                _sweep_block(batch, err, u1, b0, scale, offset, fit_codes, fr.family, fr.params,
+                             value_scale, value_offset, fr.values, codes)
+                nb = c0 // bsize * codec.type_size
+                out[:, nb:nb + codec.type_size] = fr.layout.pack(codes, data)
         if i2 < cols:
             with _torch_threads(1):
                 delta = (torch.from_numpy(err) @ torch.from_numpy(u[i1:i2, i2:])).numpy()
             np.subtract(work[:, i2:], delta, out=work[:, i2:], where=delta != 0)
+    if fac.order is not None:
+        in_place = np.empty_like(codes)
+        in_place[:, fac.order] = codes
+        for b, c0 in enumerate(range(0, cols, bsize)):
+            nb = b * codec.type_size
+            out[:, nb:nb + codec.type_size] = fr.layout.pack(in_place[:, c0:c0 + bsize], fits[b][0])
     return out.tobytes()
 
 
@@ -185,12 +227,13 @@ class HessianQuantizer:
     inputs the Hessians leave out). The factor of H^-1 is computed once per input (q/k/v share it).
     """
 
-    def __init__(self, hessians, model, damp: float = DEFAULT_DAMP):
+    def __init__(self, hessians, model, damp: float = DEFAULT_DAMP, act_order: bool = False):
         from ..calibrate import input_of
         from ..hessians import model_shape
 
         self.hessians = hessians
         self.damp = damp
+        self.act_order = act_order
         hessians.check_model(model_shape(model), str(hessians.path or "Hessians"))
         self._key = {t.name: input_of(t.name, tied_output=bool(model.tied_output)) for t in model.tensors}
         for t in model.tensors:  # refuse Hessians of another shape before any work
@@ -198,7 +241,7 @@ class HessianQuantizer:
             if key in hessians and len(t.shape) == 2 and hessians.cols(key) != t.shape[-1]:
                 raise MixquantError(f"{hessians.path or 'Hessians'}: Hessians are for another model ({key} has "
                                     f"{hessians.cols(key)} columns, {t.name} has {t.shape[-1]})")
-        self._factors: dict[str, np.ndarray] = {}
+        self._factors: dict[str, Factor] = {}
         self.gptq_tensors = 0
 
     def __call__(self, name: str, w: np.ndarray, type_name: str, importance: np.ndarray | None) -> bytes:
@@ -208,6 +251,6 @@ class HessianQuantizer:
             return formats.quantize(w, type_name, importance)
         if key not in self._factors:
             self._factors.clear()  # tensors come block by block: keep only the current input's factor
-            self._factors[key] = inverse_hessian_factor(self.hessians.matrix(key), self.damp)
+            self._factors[key] = factor(self.hessians.matrix(key), self.damp, self.act_order)
         self.gptq_tensors += 1
-        return quantize(w, type_name, importance=importance, factor=self._factors[key])
+        return quantize(w, type_name, importance=importance, prepared=self._factors[key])
