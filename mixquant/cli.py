@@ -232,8 +232,10 @@ def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
     from .hessians import Hessians
     from .quantize import HessianQuantizer
 
+    act_order = args.gptq_order == "act"
+
     if args.hessians:
-        return HessianQuantizer(Hessians.load(args.hessians), source.model), imatrix
+        return HessianQuantizer(Hessians.load(args.hessians), source.model, act_order=act_order), imatrix
     from .calibrate import calibrate
     from .text import read_text
 
@@ -242,7 +244,8 @@ def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
     cal = calibrate(source.hf_folder, read_text(args.text), chunks=_ON_THE_FLY_CHUNKS, progress=sys.stderr.isatty(),
                     dataset=str(args.text), activations=False, output_importance=True, hessians=True)
     print(f"hessians: calibrated on {cal.imatrix.chunks} chunks of {args.text}", file=sys.stderr)
-    return HessianQuantizer(cal.hessians, source.model), imatrix if imatrix is not None else cal.imatrix
+    return (HessianQuantizer(cal.hessians, source.model, act_order=act_order),
+            imatrix if imatrix is not None else cal.imatrix)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -446,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rounding inside the GGUF blocks with the inputs' Hessians")
     p.add_argument("--hessians", metavar="FILE", help="hessians.safetensors (mixquant analyze, mixquant imatrix "
                    "--hessians) for --method gptq")
+    p.add_argument("--gptq-order", choices=("act", "natural"), default="act",
+                   help="gptq column order: act (default): static groups, every block fitted first, columns by "
+                        "descending input energy; natural: left to right, each block fitted when reached")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
     p.add_argument("--imatrix", help="importance matrix (llama-imatrix .gguf or legacy .dat)")
