@@ -104,8 +104,9 @@ class Hessians:
         try:
             with safe_open(path, framework="numpy") as f:
                 meta = f.metadata() or {}
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+                names = list(f.keys())
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+                dtypes = {k: f.get_slice(k).get_dtype() for k in names}
         except Exception as exc:  # noqa: BLE001
             raise MixquantError(f"{path}: not a readable Hessians file (safetensors): {exc}") from None
         if meta.get("schema") != SCHEMA:
