@@ -12,7 +12,8 @@ On the test model (SmolLM2-135M), for each plan (default Q4_0, Q4_K_M, Q3_K_M, Q
    on `--referee-chunks` windows of the evaluation text, disjoint from the calibration text.
 
 Prints a table (mean KLD, p99 KLD, top-1, PPL, file bytes, quantize seconds and peak MB, and the
-KLD change) and writes results.json into `--out`.
+KLD change) and writes results.json into `--out`. Tensor data bytes are equal (checked); the files
+differ by llama-quantize's few metadata keys (quantize.imatrix.*).
 
 Run: .venv/bin/python bench/methods.py [--plans Q4_0,Q4_K_M] [--chunks 32] [--referee-chunks 20] [--threads 2]
 """
@@ -61,6 +62,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
+    from gguf import GGUFReader
 
     torch.set_num_threads(args.threads)
     from mixquant.calibrate import calibrate
@@ -104,7 +106,8 @@ def main() -> int:
             seconds, peak = measured(cmd)
             score = referee.score_file(files[method])
             rows.append({"plan": plan, "method": method, "seconds": seconds, "peak_mb": peak,
-                         "file_bytes": files[method].stat().st_size, **score})
+                         "file_bytes": files[method].stat().st_size,
+                         "tensor_bytes": sum(int(t.n_bytes) for t in GGUFReader(files[method]).tensors), **score})
             log(f"{plan} {method}: KLD {score['kld_mean']:.5f}, {seconds:.1f} s, {peak:.0f} MB")
             if not args.keep_gguf:
                 files[method].unlink()
@@ -117,7 +120,7 @@ def main() -> int:
     for r in rows:
         base = next(b for b in rows if b["plan"] == r["plan"] and b["method"] == "llama.cpp imatrix")
         change = "" if r is base else f"{100 * (r['kld_mean'] / base['kld_mean'] - 1):+.1f}%"
-        same = "" if r["file_bytes"] == base["file_bytes"] else " (size differs!)"
+        same = "" if r["tensor_bytes"] == base["tensor_bytes"] else " (tensor bytes differ!)"
         print(f"{r['plan']:<8} {r['method']:<18} {r['kld_mean']:9.5f} {r['kld_p99']:8.4f} {100 * r['top1']:6.2f}% "
               f"{r['ppl']:8.4f} {r['file_bytes']:12,d} {r['seconds']:7.1f} {r['peak_mb']:8.0f} {change:>10}{same}")
     return 0
