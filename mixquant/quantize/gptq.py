@@ -182,10 +182,16 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
         return (data, scale, offset, fr.layout.unpack(data), *_value_params(codec, fr, data))
 
     if fac.order is not None:  # static groups: all fits first, then one sweep in the order of U
-        fits = [fit(w[:, c0:c0 + bsize], c0) for c0 in range(0, cols, bsize)]
-        per_col = [np.ascontiguousarray(np.concatenate([f[k] for f in fits], axis=1)[:, fac.order]) for k in range(1, 6)]
-        work = np.ascontiguousarray(w.astype(np.float64)[:, fac.order])
-        codes = np.empty((rows, cols), dtype=np.int64)
+        # per weight, in compact types (a few bytes each): scale, offset, fit code, value scale and offset
+        per_col = [np.empty((rows, cols), dtype=t) for t in (np.float32, np.float32, np.int16, np.float32, np.float32)]
+        datas = []
+        for c0 in range(0, cols, bsize):
+            data, *params = fit(w[:, c0:c0 + bsize], c0)
+            datas.append(data)
+            for dst, src in zip(per_col, params):
+                dst[:, c0:c0 + bsize] = src
+        work = np.ascontiguousarray(w[:, fac.order], dtype=np.float64)
+        codes = np.empty((rows, cols), dtype=np.int16)  # in place (natural column order)
     else:
         work = w.astype(np.float64)
         codes = np.empty((rows, bsize), dtype=np.int64)
@@ -195,11 +201,12 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
         err = np.zeros_like(batch)
         u1 = np.ascontiguousarray(u[i1:i2, i1:i2])
         if fac.order is not None:
-            scale, offset, fit_codes, value_scale, value_offset = (np.ascontiguousarray(a[:, i1:i2]) for a in per_col)
+            cols_here = fac.order[i1:i2]
+            scale, offset, fit_codes, value_scale, value_offset = (a[:, cols_here] for a in per_col)
             part = np.empty((rows, i2 - i1), dtype=np.int64)
             _sweep_block(batch, err, u1, 0, scale, offset, fit_codes, fr.family, fr.params, value_scale,
                          value_offset, fr.values, part)
-            codes[:, i1:i2] = part
+            codes[:, cols_here] = part
         else:
             for b0 in range(0, i2 - i1, bsize):
                 c0 = i1 + b0
@@ -213,11 +220,9 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
                 delta = (torch.from_numpy(err) @ torch.from_numpy(u[i1:i2, i2:])).numpy()
             np.subtract(work[:, i2:], delta, out=work[:, i2:], where=delta != 0)
     if fac.order is not None:
-        in_place = np.empty_like(codes)
-        in_place[:, fac.order] = codes
         for b, c0 in enumerate(range(0, cols, bsize)):
             nb = b * codec.type_size
-            out[:, nb:nb + codec.type_size] = fr.layout.pack(in_place[:, c0:c0 + bsize], fits[b][0])
+            out[:, nb:nb + codec.type_size] = fr.layout.pack(codes[:, c0:c0 + bsize], datas[b])
     return out.tobytes()
 
 
