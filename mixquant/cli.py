@@ -449,9 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "rounding inside the GGUF blocks with the inputs' Hessians")
     p.add_argument("--hessians", metavar="FILE", help="hessians.safetensors (mixquant analyze, mixquant imatrix "
                    "--hessians) for --method gptq")
-    p.add_argument("--gptq-order", choices=("act", "natural"), default="act",
-                   help="gptq column order: act (default): static groups, every block fitted first, columns by "
-                        "descending input energy; natural: left to right, each block fitted when reached")
+    p.add_argument("--gptq-order", choices=("natural", "act"), default="natural",
+                   help="gptq column order: natural (default): left to right, each block fitted when the sweep "
+                        "reaches it; act: static groups, every block fitted first, columns by descending input "
+                        "energy (lower KLD at Q4_K_M and Q3_K_M with natural, measured)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
     p.add_argument("--imatrix", help="importance matrix (llama-imatrix .gguf or legacy .dat)")
