@@ -108,12 +108,16 @@ class Referee:
         if imatrix is not None and hasattr(imatrix, "as_dict"):
             imatrix = imatrix.as_dict()
         res = write_gguf(self.source, plan, path, importance=imatrix, progress=False)
-        out = _parse_perplexity(self._run(["-m", str(path), "--kl-divergence-base", str(self.base),
-                                           "--kl-divergence"]))
+        out = self.score_file(path)
         out.update(file_bytes=res.bytes, tensor_bytes=res.tensor_bytes)
         if not self.args.keep_gguf:
             path.unlink()
         return out
+
+    def score_file(self, path: Path) -> dict:
+        """llama-perplexity --kl-divergence of a written GGUF against the F32 base logits."""
+        return _parse_perplexity(self._run(["-m", str(path), "--kl-divergence-base", str(self.base),
+                                            "--kl-divergence"]))
 
 
 # ------------------------------------------------------------------------------------------------

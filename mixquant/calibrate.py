@@ -58,6 +58,7 @@ import numpy as np
 
 from .arch import BLOCK_INPUTS, for_gguf_arch
 from .errors import MixquantError
+from .hessians import DEFAULT_BUDGET_BYTES, Hessians, check_budget, model_shape
 from .text import read_bytes, read_json, write_json
 
 if TYPE_CHECKING:
@@ -449,12 +450,14 @@ class Calibration:
 
     imatrix: Imatrix
     activations: ActivationStats | None = None
+    hessians: Hessians | None = None
 
 
 def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | None = None, *,
               progress: bool = True, dataset: str | None = None, process_output: bool = False,
               activations: bool = True, output_importance: bool = False, add_bos: bool | None = None,
-              kv_f16: bool = True, n_batch: int = 2048, n_ubatch: int = 512) -> Calibration:
+              kv_f16: bool = True, n_batch: int = 2048, n_ubatch: int = 512, hessians: bool = False,
+              hessian_budget: int = DEFAULT_BUDGET_BYTES) -> Calibration:
     """One pass of the Hugging Face model in float32 (transformers) over the calibration windows,
     one window at a time: the imatrix llama-imatrix computes with `-f <text> -c ctx --chunks chunks`
     and, with `activations`, the activation statistics (see the module docstring).
@@ -472,6 +475,8 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         1.2e-5 instead of 3.2e-5, max 1.6e-3 instead of 1.9e-3).
     n_batch, n_ubatch: llama-imatrix's `-b`/`-ub`; they only decide which few tokens fall in
         micro-batches too small to be collected (`imatrix_token_mask`).
+    hessians: also accumulate H = sum x x^T (float64) per distinct linear input over the imatrix's
+        tokens (`mixquant.hessians`); refused, naming the size, above `hessian_budget` bytes.
     """
     import torch
     from tqdm import tqdm
@@ -520,6 +525,19 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     state = {"rows": None}  # the token mask of the window being run, as a torch bool tensor
+    # input key -> (first module reading it, columns): q/k/v (gate/up) share one input, summed once
+    hess_inputs: dict[str, tuple[str, int]] = {}
+    if hessians:
+        for m, n in names.items():
+            key = input_of(n) if n.startswith("blk.") else None
+            if key is not None and key not in hess_inputs:
+                hess_inputs[key] = (n, modules[m].in_features)
+        if output_name:
+            hess_inputs["output_in"] = (output_name, info.n_embd)
+        check_budget({k: c for k, (_, c) in hess_inputs.items()}, hessian_budget, str(hf_folder))
+    hess_of = {n: k for k, (n, _) in hess_inputs.items()}  # GGUF name -> the key it accumulates
+    hess_sums: dict[str, torch.Tensor] = {}
+    hess_rows: dict[str, int] = {}
     streams: dict[str, StreamingStats] = {}
 
     def accumulate(gguf_name: str, x: torch.Tensor) -> None:
@@ -534,6 +552,16 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         else:
             sums[gguf_name] = x2
         counts[gguf_name] = counts.get(gguf_name, 0) + x.shape[0]
+        key = hess_of.get(gguf_name)
+        if key is not None:
+            # one window's x^T x in float32 (512 products per entry: 1e-6 relative, half the time of
+            # float64), summed over windows in float64
+            xx = (x.T @ x).to(torch.float64)
+            if key in hess_sums:
+                hess_sums[key] += xx
+            else:
+                hess_sums[key] = xx
+            hess_rows[key] = hess_rows.get(key, 0) + x.shape[0]
 
     def observe(key: str | None, x: torch.Tensor) -> None:
         if key is not None:  # all tokens: the statistics ignore the imatrix's token mask
@@ -606,7 +634,10 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
     if activations:
         stats = ActivationStats(stats={k: streams[k].activation_stat() for k in sorted(streams, key=_key_order)
                                        if streams[k].rows}, chunks=n_chunk, ctx=ctx, tokens=n_chunk * ctx)
-    return Calibration(imatrix=imatrix, activations=stats)
+    hess = None
+    if hessians:
+        hess = Hessians(model=model_shape(info), rows=hess_rows, sums={k: v.numpy() for k, v in hess_sums.items()})
+    return Calibration(imatrix=imatrix, activations=stats, hessians=hess)
 
 
 def compute_imatrix(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | None = None,

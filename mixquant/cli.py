@@ -207,14 +207,24 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                               or args.leave_output_tensor):
         raise MixquantError("--pure, --output-tensor-type, --token-embedding-type and --leave-output-tensor go "
                             "with a preset; with --recipe or a target, use --tensor-type")
-    if args.text and not targets:
+    gptq = args.method == "gptq"
+    if args.text and not targets and not gptq:
         raise MixquantError("--text is analysed on the fly for a target only; for a plan's predicted KLD give "
                             "--sensitivity")
+    if args.hessians and not gptq:
+        raise MixquantError("--hessians goes with --method gptq")
+    if gptq and not (args.hessians or args.text):
+        raise MixquantError("--method gptq needs --hessians FILE (mixquant imatrix --hessians, mixquant analyze) "
+                            "or --text CALIB.txt to calibrate on the fly")
     imatrix = _read_imatrix_arg(args.imatrix)
     with open_source(args.src, allow_requantize=args.allow_requantize) as source:
         _check_imatrix(imatrix, source.model, args.imatrix)
         if not args.dry_run:  # before any long work: the output path is usable and overwrites no input
-            check_output(args.out, [source.path, args.imatrix, args.sensitivity, args.text, args.recipe])
+            check_output(args.out, [source.path, args.imatrix, args.sensitivity, args.text, args.recipe,
+                                    args.hessians])
+        quantizer = None
+        if gptq and not args.dry_run:
+            quantizer, imatrix = _gptq_quantizer(args, source, imatrix)
         sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets))
         if targets:
             plan = _allocated_plan(args, source, sens)
@@ -238,9 +248,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             print(predicted, file=sys.stderr)
         importance = None if imatrix is None else imatrix.as_dict()
         result = write_gguf(source, plan, args.out, importance=importance, threads=args.threads,
-                            progress=sys.stderr.isatty(), file_type=args.type)
+                            progress=sys.stderr.isatty(), file_type=args.type, quantizer=quantizer)
+    if quantizer is not None:
+        print(f"gptq: {quantizer.gptq_tensors} tensors rounded with error feedback, the rest round-to-nearest",
+              file=sys.stderr)
     print(result)
     return 0
+
+
+def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
+    """(HessianQuantizer, imatrix) for --method gptq: --hessians FILE, or --text calibrated on the fly
+    (which also gives the imatrix unless --imatrix did)."""
+    from .hessians import Hessians
+    from .quantize import HessianQuantizer
+
+    act_order = args.gptq_order == "act"
+
+    if args.hessians:
+        return HessianQuantizer(Hessians.load(args.hessians), source.model, act_order=act_order), imatrix
+    from .calibrate import calibrate
+    from .text import read_text
+
+    if source.hf_folder is None:
+        raise MixquantError(f"{args.src}: calibrating Hessians needs a Hugging Face folder; give --hessians FILE")
+    cal = calibrate(source.hf_folder, read_text(args.text), chunks=_ON_THE_FLY_CHUNKS, progress=sys.stderr.isatty(),
+                    dataset=str(args.text), activations=False, output_importance=True, hessians=True)
+    print(f"hessians: calibrated on {cal.imatrix.chunks} chunks of {args.text}", file=sys.stderr)
+    return (HessianQuantizer(cal.hessians, source.model, act_order=act_order),
+            imatrix if imatrix is not None else cal.imatrix)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -272,11 +307,15 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             check_output(out / name)
         start = time.perf_counter()
         cal = calibrate(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=progress,
-                        dataset=str(text), output_importance=not args.no_output_importance)
+                        dataset=str(text), output_importance=not args.no_output_importance,
+                        hessians=not args.no_hessians)
         write_imatrix(cal.imatrix, out / "imatrix.gguf")
+        if cal.hessians is not None:
+            cal.hessians.save(out / "hessians.safetensors")
         cal.activations.save(out / "activations.json")
         timings["calibration (imatrix, activations)"] = time.perf_counter() - start
-        print(f"imatrix: {out / 'imatrix.gguf'}, activations: {out / 'activations.json'} "
+        hess = "" if cal.hessians is None else f", hessians: {out / 'hessians.safetensors'}"
+        print(f"imatrix: {out / 'imatrix.gguf'}, activations: {out / 'activations.json'}{hess} "
               f"({cal.imatrix.chunks} chunks of {args.ctx} tokens)")
         sens = analyze(source, cal.imatrix, text=text, types=types,
                        n_windows=args.windows, fisher=not args.no_fisher, layer_sweep_types=sweep,
@@ -305,7 +344,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_imatrix(args: argparse.Namespace) -> int:
     """llama-imatrix's job: mean squared input activation per column of every linear layer."""
-    from .calibrate import compute_imatrix, write_imatrix
+    from .calibrate import calibrate, compute_imatrix, write_imatrix
     from .files import check_output
     from .source import open_source
     from .text import read_text
@@ -321,11 +360,20 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     text = Path(args.text)
     if not text.is_file():
         raise MixquantError(f"{text}: no such text file")
-    check_output(args.output)  # before the long work
-    imatrix = compute_imatrix(folder, read_text(text), ctx=args.ctx, chunks=args.chunks,
-                              progress=sys.stderr.isatty(), dataset=str(text), process_output=args.process_output)
+    check_output(args.output, [folder, text])  # before the long work
+    if args.hessians:
+        check_output(args.hessians, [folder, text, args.output])
+        cal = calibrate(folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=sys.stderr.isatty(),
+                        dataset=str(text), process_output=args.process_output, activations=False, hessians=True)
+        imatrix = cal.imatrix
+    else:
+        imatrix = compute_imatrix(folder, read_text(text), ctx=args.ctx, chunks=args.chunks,
+                                  progress=sys.stderr.isatty(), dataset=str(text), process_output=args.process_output)
     path = write_imatrix(imatrix, args.output)
     print(f"{path}: {len(imatrix.names)} tensors, {imatrix.chunks} chunks of {args.ctx} tokens")
+    if args.hessians:
+        hpath = cal.hessians.save(args.hessians)
+        print(f"{hpath}: {len(cal.hessians.rows)} Hessians, {hpath.stat().st_size / 2**20:,.0f} MiB")
     return 0
 
 
@@ -466,7 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allocate the smallest plan whose predicted KLD (summed over tensors) is at most X")
     p.add_argument("--sensitivity", help="sensitivity.json from mixquant analyze: for the targets, and "
                    "the predicted KLD of any plan (per tensor in --dry-run)")
-    p.add_argument("--text", help="calibration text: analyse on the fly (for a target without --sensitivity)")
+    p.add_argument("--text", help="calibration text: analyse on the fly (for a target without --sensitivity); "
+                   "with --method gptq and no --hessians, the Hessians (and imatrix) are calibrated on it")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="rtn: llama-quantize's round-to-nearest (default, the same bytes); gptq: error-compensated "
+                        "rounding inside the GGUF blocks with the inputs' Hessians")
+    p.add_argument("--hessians", metavar="FILE", help="hessians.safetensors (mixquant analyze, mixquant imatrix "
+                   "--hessians) for --method gptq")
+    p.add_argument("--gptq-order", choices=("natural", "act"), default="natural",
+                   help="gptq column order: natural (default): left to right, each block fitted when the sweep "
+                        "reaches it; act: static groups, every block fitted first, columns by descending input "
+                        "energy (lower KLD at Q4_K_M and Q3_K_M with natural, measured)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
     p.add_argument("--imatrix", help="importance matrix (llama-imatrix .gguf or legacy .dat)")
@@ -495,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-output-importance", action="store_true",
                    help="leave the tied output/token embedding out of the imatrix, as llama-imatrix does")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--no-hessians", action="store_true", help="skip hessians.safetensors (the inputs' sum x x^T "
+                   "for quantize --method gptq: sum of cols^2 x 8 bytes, refused over 4 GiB)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_analyze)
 
@@ -505,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (llama-imatrix -c; default 512)")
     p.add_argument("--chunks", type=int, default=None, help="chunks to process (default: all)")
     p.add_argument("--process-output", action="store_true", help="also collect output.weight (if not tied)")
+    p.add_argument("--hessians", metavar="FILE", help="also write the inputs' Hessians (sum x x^T, float64) here "
+                   "(safetensors; sum of cols^2 x 8 bytes: 808 MB for SmolLM2-135M), for quantize --method gptq")
     p.set_defaults(func=_cmd_imatrix)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence and top-1 of a GGUF file or plan vs float32")

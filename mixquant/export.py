@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -206,6 +206,7 @@ def write_gguf(
     name: str | None = None,
     alignment: int | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    quantizer: Callable[[str, np.ndarray, str, np.ndarray | None], bytes] | None = None,
 ) -> ExportResult:
     """Quantize every tensor of `source` to `plan.types[name]` and write a GGUF llama.cpp loads.
 
@@ -218,6 +219,8 @@ def write_gguf(
     extra_metadata: more keys to write (after the source's), e.g. llama-quantize's
         "quantize.imatrix.file"; a value is a gguf GGUFValue, or a str, bool, int (written as
         INT32, as llama-quantize does), float (FLOAT32) or list of str.
+    quantizer: (name, (rows, cols) float32, type, importance) -> bytes, instead of round-to-nearest
+        (e.g. `mixquant.quantize.HessianQuantizer` for GPTQ).
     """
     start = time.perf_counter()
     out = check_output(out_path, [source.path])
@@ -248,7 +251,10 @@ def write_gguf(
                 x2 = x.reshape(math.prod(shape[:-1]), shape[-1])
                 imp = importance.get(tname) if importance is not None else None
                 try:
-                    data = formats.quantize(x2, tname_type, importance=imp, threads=threads)
+                    if quantizer is None:
+                        data = formats.quantize(x2, tname_type, importance=imp, threads=threads)
+                    else:
+                        data = quantizer(tname, x2, tname_type, imp)
                 except ValueError as exc:
                     raise MixquantError(f"tensor {tname}: cannot quantize to {tname_type}: {exc}") from None
                 del x, x2

@@ -33,7 +33,7 @@ def analysis(tmp_path_factory) -> tuple[Path, str]:
 
 def test_analyze_writes_every_output(analysis):
     out, stdout = analysis
-    for name in ("imatrix.gguf", "activations.json", "sensitivity.json", "report.html"):
+    for name in ("imatrix.gguf", "activations.json", "sensitivity.json", "report.html", "hessians.safetensors"):
         assert (out / name).is_file(), name
     assert not list(out.glob(".*partial*"))
     imatrix = read_imatrix(out / "imatrix.gguf")

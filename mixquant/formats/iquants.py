@@ -14,7 +14,7 @@ qs packs sub-block element j in the low nibble and element j+16 in the high nibb
 import numpy as np
 from numba import njit
 
-from .base import Codec, register
+from .base import Codec, CodeLayout, FrozenRounding, register
 from .common import get_fp16, nearest_int, put_fp16
 
 F32 = np.float32
@@ -65,10 +65,11 @@ def _fit(values, x, r, xb, weight, inv):
 
 
 @njit(**_JIT)
-def _quantize_rows(x, qw, use_qw, sbs, ntry, out):
+def _quantize_rows(x, qw, use_qw, sbs, ntry, out, frozen=None):
     """quantize_row_iq4_nl_impl(sbs, 32, ...) over every super-block of every row of x into out.
 
-    sbs == 32 writes block_iq4_nl, sbs == 256 writes block_iq4_xs.
+    sbs == 32 writes block_iq4_nl, sbs == 256 writes block_iq4_xs. frozen (rows, cols // 32), when
+    given, receives the inverse scale each 32-block's indices were found with (`frozen_code`).
     """
     values = _VALUES
     rows, cols = x.shape
@@ -142,6 +143,8 @@ def _quantize_rows(x, qw, use_qw, sbs, ntry, out):
                     l = max(-32, min(31, l))
                     dl = d * F32(l)
                     idl = F32(1.0) / dl if dl != F32(0.0) else F32(0.0)
+                    if frozen is not None:
+                        frozen[r, ibl * nb + ib] = idl
                     xb = x0 + ib * 32
                     for j in range(32):
                         L[ib * 32 + j] = _best_index_int8(values, idl * x[r, xb + j])
@@ -161,6 +164,8 @@ def _quantize_rows(x, qw, use_qw, sbs, ntry, out):
                 if ntry > 0:
                     s = scales[0]
                     inv = F32(1.0) / s if s != F32(0.0) else F32(0.0)
+                    if frozen is not None:
+                        frozen[r, ibl] = inv
                     for j in range(sbs):
                         L[j] = _best_index_int8(values, inv * x[r, x0 + j])
 
@@ -199,6 +204,34 @@ def _dequantize_rows(data, sbs, out):
                     out[r, y + j + 16] = dl * values[b >> 4]
 
 
+@njit(inline="always", **_JIT)
+def frozen_code(x, scale, offset, p):
+    """The final step of quantize_row_iq4_nl_impl for one weight: the nearest table value to
+    scale * x, scale the inverse of the block's unrounded (IQ4_NL) or 6-bit (IQ4_XS) scale."""
+    return np.int64(_best_index_int8(_VALUES, scale * x))
+
+
+def _frozen_rounding(sbs: int, type_size: int) -> FrozenRounding:
+    qs = 2 if sbs == QK4_NL else 8
+    layout = CodeLayout(sbs, [f for i in range(sbs // 32) for j in range(16)
+                              for f in ((32 * i + j, qs + 16 * i + j, 0, 0, 4), (32 * i + 16 + j, qs + 16 * i + j, 4, 0, 4))])
+
+    def fit(x: np.ndarray, importance: np.ndarray | None, _context: None):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rows, cols = x.shape
+        out = np.zeros((rows, cols // sbs * type_size), dtype=np.uint8)
+        frozen = np.empty((rows, cols // 32), dtype=np.float32)
+        if importance is None:
+            _quantize_rows(x, _VALUES, False, sbs, NTRY, out, frozen)
+        else:
+            _quantize_rows(x, np.ascontiguousarray(importance, dtype=np.float32), True, sbs, NTRY, out, frozen)
+        scale = np.repeat(frozen, 32, axis=1)
+        return out, scale, np.zeros_like(scale)
+
+    return FrozenRounding(family=2, params=np.zeros(1, dtype=np.int64), fit=fit, layout=layout,
+                          values=KVALUES_IQ4NL.astype(np.float64), probe=(8, 9))
+
+
 def _make_codec(name: str, sbs: int) -> Codec:
     type_size = (2 if sbs == QK4_NL else 8) + sbs // 2
 
@@ -220,7 +253,8 @@ def _make_codec(name: str, sbs: int) -> Codec:
         _dequantize_rows(data, sbs, out)
         return out
 
-    return register(Codec(name, sbs, type_size, quantize_rows, dequantize_rows))
+    frozen = _frozen_rounding(sbs, type_size)
+    return register(Codec(name, sbs, type_size, quantize_rows, dequantize_rows, frozen=lambda _importance: frozen))
 
 
 IQ4_NL = _make_codec("IQ4_NL", QK4_NL)

@@ -19,7 +19,7 @@ Block layouts (byte offsets inside one block, from ggml-common.h):
 import numpy as np
 from numba import njit
 
-from .base import Codec, register
+from .base import Codec, CodeLayout, FrozenRounding, register
 from .common import get_fp16, nearest_int, put_fp16
 from .search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qkx3_quants, make_qp_quants, make_qx_quants
 
@@ -662,6 +662,83 @@ def _dequantize_q6_k(data, y):
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# error-compensated rounding: every k-quant ends by re-quantizing each weight against the stored
+# (fp16 and 6-bit quantized) sub-block scales, so those scales are all the frozen parameters
+# ---------------------------------------------------------------------------------------------
+
+
+@_inline
+def frozen_code(x, scale, offset, p):
+    """_requant_affine / _requant_symmetric for one weight: clamp(nearest_int((x - offset) / scale),
+    lo, hi) + shift with p = (lo, hi, shift), scale = d and offset = -dm of its sub-block; -1 (keep
+    the search's code) where d == 0, which ggml skips."""
+    if scale == 0:
+        return np.int64(-1)
+    l = nearest_int((x - offset) / scale)
+    l = l if l < p[1] else p[1]
+    l = l if l > p[0] else p[0]
+    return l + p[2]
+
+
+def _layout(name: str) -> CodeLayout:
+    """The code bits of a super-block as the quantizers above pack them (`_pack_2bit`,
+    `_pack_nibbles`, the Q3_K hmask, the Q5_K qh plane, Q6_K's ql/qh)."""
+    fields = []
+    if name in ("Q2_K", "Q3_K"):
+        qs = Q2K_QS if name == "Q2_K" else Q3K_QS
+        for j in range(0, QK_K, 128):
+            for l in range(32):
+                fields += [(j + l + 32 * k, qs + j // 4 + l, 2 * k, 0, 2) for k in range(4)]
+        if name == "Q3_K":
+            fields += [(32 * b + m, Q3K_HMASK + m, b, 2, 1) for m in range(32) for b in range(8)]
+    elif name in ("Q4_K", "Q5_K"):
+        qs = Q4K_QS if name == "Q4_K" else Q5K_QS
+        for j in range(0, QK_K, 64):
+            for l in range(32):
+                fields += [(j + l, qs + j // 2 + l, 0, 0, 4), (j + l + 32, qs + j // 2 + l, 4, 0, 4)]
+        if name == "Q5_K":
+            for n in range(0, QK_K, 64):
+                for j in range(32):
+                    fields += [(n + j, Q5K_QH + j, n // 32, 4, 1), (n + j + 32, Q5K_QH + j, n // 32 + 1, 4, 1)]
+    else:  # Q6_K
+        for j in range(0, QK_K, 128):
+            for l in range(32):
+                fields += [(j + l, Q6K_QL + j // 2 + l, 0, 0, 4), (j + l + 64, Q6K_QL + j // 2 + l, 4, 0, 4),
+                           (j + l + 32, Q6K_QL + j // 2 + l + 32, 0, 0, 4),
+                           (j + l + 96, Q6K_QL + j // 2 + l + 32, 4, 0, 4)]
+                fields += [(j + l + 32 * k, Q6K_QH + j // 4 + l, 2 * k, 4, 2) for k in range(4)]
+    return CodeLayout(QK_K, fields)
+
+
+# name: (lo, hi, shift) of the final rounding, and the bytes of the fp16 dmin (none: symmetric)
+_REQUANT = {"Q2_K": ((0, 3, 0), (Q2K_DMIN, Q2K_DMIN + 1)), "Q3_K": ((-4, 3, 4), ()),
+            "Q4_K": ((0, 15, 0), (Q4K_DMIN, Q4K_DMIN + 1)), "Q5_K": ((0, 31, 0), (Q5K_D + 2, Q5K_D + 3)),
+            "Q6_K": ((-32, 31, 32), ())}
+
+
+def _frozen_rounding(name: str, quantize_rows, dequantize_rows) -> FrozenRounding:
+    (lo, hi, shift), dmin_bytes = _REQUANT[name]
+    layout = _layout(name)
+    values = np.arange(hi - lo + 1, dtype=np.float64) - shift
+    zero, one = shift, shift + 1
+
+    def fit(x: np.ndarray, importance: np.ndarray | None, _context: None):
+        """ggml's bytes for these super-blocks and, per weight, its sub-block's d and -dm exactly as
+        the final re-quantization computes them (d_all * sc, dmin_all * m), read back through the
+        decoder: code 0 decodes to d * 0 - dm, and with dmin zeroed code 1 decodes to d * 1."""
+        data = quantize_rows(np.ascontiguousarray(x, dtype=np.float32), importance)
+        full = np.ones(x.shape, dtype=np.int64)
+        offset = dequantize_rows(layout.pack(full * zero, data))
+        no_min = data.copy()
+        no_min[:, list(dmin_bytes)] = 0
+        scale = dequantize_rows(layout.pack(full * one, no_min))
+        return data, scale, offset
+
+    return FrozenRounding(family=1, params=np.array([lo, hi, shift], dtype=np.int64), fit=fit, layout=layout,
+                          values=values, probe=(zero, one))
+
+
 def _codec(name: str, type_size: int, quantize_kernel, dequantize_kernel) -> Codec:
     def quantize_rows(x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         rows, cols = x.shape
@@ -676,7 +753,8 @@ def _codec(name: str, type_size: int, quantize_kernel, dequantize_kernel) -> Cod
         dequantize_kernel(np.ascontiguousarray(data), y)
         return y
 
-    return register(Codec(name, QK_K, type_size, quantize_rows, dequantize_rows))
+    frozen = _frozen_rounding(name, quantize_rows, dequantize_rows)
+    return register(Codec(name, QK_K, type_size, quantize_rows, dequantize_rows, frozen=lambda _importance: frozen))
 
 
 Q2_K = _codec("Q2_K", Q2K_SIZE, _quantize_q2_k, _dequantize_q2_k)

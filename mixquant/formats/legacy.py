@@ -22,8 +22,8 @@ so that even blocks of subnormal values (where 1/d overflows to inf) match ggml 
 import numpy as np
 from numba import njit
 
-from .base import Codec, register
-from .common import f32_to_bits, get_fp16, put_fp16
+from .base import Codec, CodeLayout, FrozenRounding, register
+from .common import f32_to_bits, get_fp16, nearest_int, put_fp16
 from .search import make_qkx3_quants, make_qx_quants
 
 F32 = np.float32
@@ -78,8 +78,13 @@ def _block_bytes(bits, has_min):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_rows(x, qw, out, bits, has_min):
-    """Quantize each row of x into out (rows, nb * block_bytes); qw None selects the _ref code."""
+def _quantize_rows(x, qw, out, bits, has_min, sigma2_in=None, frozen=None):
+    """Quantize each row of x into out (rows, nb * block_bytes); qw None selects the _ref code.
+
+    For error-compensated rounding (not in C): sigma2_in (rows,) replaces each row's sigma2 (x may
+    then be a slice of the row's blocks), and frozen (rows, nb, 2) receives per block the (scale,
+    offset) that its final rounding step used (see `frozen_code`).
+    """
     rows, cols = x.shape
     nb = cols // QK
     bsize = _block_bytes(bits, has_min)
@@ -94,7 +99,9 @@ def _quantize_rows(x, qw, out, bits, has_min):
         xr = x[r]
         orow = out[r]
         sigma2 = F32(0.0)
-        if qw is not None:
+        if sigma2_in is not None:
+            sigma2 = sigma2_in[r]
+        elif qw is not None:
             if bits != 8:
                 sum_x2 = F32(0.0)
                 for j in range(cols):
@@ -110,6 +117,9 @@ def _quantize_rows(x, qw, out, bits, has_min):
                     amax = amax if amax > av else av  # MAX(amax, fabsf(v))
                 d = amax / F32(127.0)
                 id_ = F32(1.0) / d if d != F32(0.0) else F32(0.0)
+                if frozen is not None:
+                    frozen[r, ib, 0] = id_
+                    frozen[r, ib, 1] = F32(0.0)
                 put_fp16(orow, o, d)
                 for j in range(QK):
                     orow[o + 2 + j] = _cvt_i32(_roundf(xr[x0 + j] * id_)) & 0xFF
@@ -126,6 +136,9 @@ def _quantize_rows(x, qw, out, bits, has_min):
                             mx = v
                     d = (mx - mn) / F32(qmax)
                     id_ = F32(1.0) / d if d != F32(0.0) else F32(0.0)
+                    if frozen is not None:
+                        frozen[r, ib, 0] = id_
+                        frozen[r, ib, 1] = mn
                     put_fp16(orow, o, d)
                     put_fp16(orow, o + 2, mn)
                     for j in range(QK):
@@ -143,6 +156,9 @@ def _quantize_rows(x, qw, out, bits, has_min):
                             mx = v
                     d = mx / F32(-half)
                     id_ = F32(1.0) / d if d != F32(0.0) else F32(0.0)
+                    if frozen is not None:
+                        frozen[r, ib, 0] = id_
+                        frozen[r, ib, 1] = F32(0.0)
                     put_fp16(orow, o, d)
                     bias = F32(half) + F32(0.5)  # 8.5f / 16.5f
                     for j in range(QK):
@@ -152,12 +168,15 @@ def _quantize_rows(x, qw, out, bits, has_min):
                 xb = xr[x0 : x0 + QK]
                 for j in range(QK):
                     weight[j] = qw[x0 + j] * np.sqrt(sigma2 + xb[j] * xb[j])
+                fz = frozen[r, ib] if frozen is not None else None
                 if has_min:
-                    d, the_min = make_qkx3_quants(QK, qmax, xb, weight, L, Laux, F32(-0.9), F32(0.05), 36, False)
+                    d, the_min = make_qkx3_quants(QK, qmax, xb, weight, L, Laux, F32(-0.9), F32(0.05), 36, False, fz)
                     put_fp16(orow, o, d)
                     put_fp16(orow, o + 2, -the_min)
                 else:
-                    d = make_qx_quants(QK, half, xb, L.view(np.int8), 1, weight)
+                    d = make_qx_quants(QK, half, xb, L.view(np.int8), 1, weight, fz)
+                    if fz is not None:
+                        fz[1] = F32(0.0)
                     put_fp16(orow, o, d)
             # pack the 4 low bits (and for Q5 the 5th bit into qh)
             if bits == 4:
@@ -216,6 +235,67 @@ def _dequantize_rows(data, out, bits, has_min):
                     yr[y0 + j + 16] = F32(q1 - offset) * d
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _row_sigma2(x, out):
+    """sigma2 = sum(x**2) / cols of each row, summed in order as quantize_row_*_impl does."""
+    rows, cols = x.shape
+    for r in range(rows):
+        sum_x2 = F32(0.0)
+        for j in range(cols):
+            sum_x2 += x[r, j] * x[r, j]
+        out[r] = sum_x2 / F32(cols)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def frozen_code(x, scale, offset, p):
+    """The final rounding step of each path above for one float32 weight x, given the (scale,
+    offset) the block's fit froze; p = (bits, has_min, impl). -1: keep the fit's code.
+
+    _ref: Q8_0 roundf(x * id); Q4_0/Q5_0 (int)(x * id + 8.5 / 16.5); Q4_1/Q5_1 (int)((x - min) *
+    id + 0.5), truncating, where a value that is not finite converts to INT_MIN, whose low byte
+    is 0. _impl: the search's nearest_int(iscale * x) (symmetric) or nearest_int(iscale * (x -
+    min)), clamped. Weights moved out of the block's range by error feedback are clamped to the
+    grid (inside it, the clamps and C's int8/uint8 conversions agree).
+    """
+    bits = p[0]
+    half = np.int64(1) << (bits - 1)
+    qmax = (np.int64(1) << bits) - 1
+    if p[2]:  # _impl: make_qx_quants / make_qkx3_quants
+        if scale != scale:
+            return np.int64(-1)
+        if p[1]:
+            l = nearest_int(scale * (x - offset))
+            return max(np.int64(0), min(qmax, l))
+        l = nearest_int(scale * x)
+        return max(-half, min(half - 1, l)) + half
+    if bits == 8:
+        t = _roundf(x * scale)
+        if not (t >= F32(-2147483648.0) and t < F32(2147483648.0)):
+            return np.int64(0)
+        return max(np.int64(-128), min(np.int64(127), np.int64(t))) & 0xFF
+    if p[1]:
+        t = (x - offset) * scale + F32(0.5)
+    else:
+        t = x * scale + (F32(half) + F32(0.5))
+    if not (t >= F32(-2147483648.0) and t < F32(2147483648.0)):
+        return np.int64(0)
+    return max(np.int64(0), min(qmax, np.int64(np.floor(t))))
+
+
+def _layout(bits: int, has_min: bool) -> CodeLayout:
+    """The code bits of a block as _quantize_rows packs them."""
+    off_qh = 4 if has_min else 2
+    off_qs = off_qh + (4 if bits == 5 else 0)
+    if bits == 8:
+        return CodeLayout(QK, [(j, 2 + j, 0, 0, 8) for j in range(QK)])
+    fields = []
+    for j in range(QK // 2):
+        fields += [(j, off_qs + j, 0, 0, 4), (j + 16, off_qs + j, 4, 0, 4)]
+        if bits == 5:
+            fields += [(j, off_qh + j // 8, j % 8, 4, 1), (j + 16, off_qh + (j + 16) // 8, (j + 16) % 8, 4, 1)]
+    return CodeLayout(QK, fields)
+
+
 def _codec(name: str, bits: int, has_min: bool) -> Codec:
     type_size = int(_block_bytes(bits, has_min))
     uses_importance = bits != 8
@@ -235,9 +315,37 @@ def _codec(name: str, bits: int, has_min: bool) -> Codec:
         _dequantize_rows(data, out, bits, has_min)
         return out
 
+    def row_sigma2(x: np.ndarray) -> np.ndarray:
+        out = np.empty(x.shape[0], dtype=np.float32)
+        _row_sigma2(np.ascontiguousarray(x, dtype=np.float32), out)
+        return out
+
+    def fit(x: np.ndarray, importance: np.ndarray | None, sigma2: np.ndarray | None):
+        """Blocks of x quantized as ggml does (with each row's sigma2 given), and per weight the
+        (scale, offset) of the final rounding step."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rows, cols = x.shape
+        out = np.empty((rows, cols // QK * type_size), dtype=np.uint8)
+        frozen = np.empty((rows, cols // QK, 2), dtype=np.float32)
+        impl = importance is not None and uses_importance
+        qw = np.ascontiguousarray(importance, dtype=np.float32) if impl else None
+        _quantize_rows(x, qw, out, bits, has_min, sigma2 if impl else None, frozen)
+        return out, np.repeat(frozen[:, :, 0], QK, axis=1), np.repeat(frozen[:, :, 1], QK, axis=1)
+
+    # value of code c: d * (c - half) (symmetric), d * c + m (with min), d * (int8)c (Q8_0)
+    codes = np.arange(1 << bits)
+    values = (codes.astype(np.uint8).view(np.int8) if bits == 8 else codes - (0 if has_min else 1 << (bits - 1)))
+    probe = (0, 1) if bits == 8 or has_min else (1 << (bits - 1), (1 << (bits - 1)) + 1)
+
+    def frozen_rounding(importance_used: bool) -> FrozenRounding:
+        return FrozenRounding(family=0, params=np.array([bits, has_min, importance_used], dtype=np.int64), fit=fit,
+                              layout=_layout(bits, has_min), values=values.astype(np.float64), probe=probe,
+                              row_context=row_sigma2)
+
     quantize_rows.__qualname__ = f"quantize_rows[{name}]"
     dequantize_rows.__qualname__ = f"dequantize_rows[{name}]"
-    return register(Codec(name, QK, type_size, quantize_rows, dequantize_rows, uses_importance=uses_importance))
+    return register(Codec(name, QK, type_size, quantize_rows, dequantize_rows, uses_importance=uses_importance,
+                          frozen=frozen_rounding))
 
 
 Q4_0 = _codec("Q4_0", 4, False)

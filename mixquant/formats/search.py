@@ -55,8 +55,13 @@ def _qx_weight(qw, i, xi, rmse_type):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def make_qx_quants(n, nmax, x, L, rmse_type, qw):
-    """Symmetric scale search; L (int8) gets values in [0, 2*nmax-1]. Returns the scale."""
+def make_qx_quants(n, nmax, x, L, rmse_type, qw, frozen=None):
+    """Symmetric scale search; L (int8) gets values in [0, 2*nmax-1]. Returns the scale.
+
+    frozen (not in C): a float32 array whose frozen[0] receives the inverse scale the final L was
+    rounded with (L = clamp(nearest_int(frozen[0] * x), -nmax, nmax-1) + nmax), NaN when L is not
+    a rounding of x (an all-zero group).
+    """
     mx = F32(0.0)
     amax = F32(0.0)
     for i in range(n):
@@ -67,8 +72,12 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
     if amax < GROUP_MAX_EPS:  # all zero
         for i in range(n):
             L[i] = 0
+        if frozen is not None:
+            frozen[0] = np.float32(np.nan)
         return F32(0.0)
     iscale = F32(-nmax) / mx
+    if frozen is not None:
+        frozen[0] = iscale
     if rmse_type == 0:
         for i in range(n):
             l = nearest_int(iscale * x[i])
@@ -109,6 +118,8 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
             for i in range(n):
                 l = nearest_int(iscale * x[i])
                 L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            if frozen is not None:
+                frozen[0] = iscale
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
@@ -254,10 +265,12 @@ def _qkx3_weight(weights, i, xi):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, frozen=None):
     """Asymmetric (scale, min) search; weights may be None (then x**2).
 
     L, Laux uint8. Returns (scale, the_min) where the_min = -min >= 0 (may be -0.0, as in C).
+    frozen (not in C): a float32 array receiving (iscale, min) that the final L was rounded with,
+    L = clamp(nearest_int(iscale * (x - min)), 0, nmax); iscale NaN when L is not a rounding of x.
     """
     rmin = F32(rmin)
     rdelta = F32(rdelta)
@@ -278,8 +291,14 @@ def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
     if mx <= mn:
         for i in range(n):
             L[i] = 0
+        if frozen is not None:
+            frozen[0] = np.float32(np.nan)
+            frozen[1] = mn
         return F32(0.0), -mn
     iscale = F32(nmax) / (mx - mn)
+    if frozen is not None:
+        frozen[0] = iscale
+        frozen[1] = mn
     scale = F32(1.0) / iscale
     best_mad = F32(0.0)
     for i in range(n):
@@ -321,6 +340,9 @@ def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
             if mad < best_mad:
                 for i in range(n):
                     L[i] = Laux[i]
+                if frozen is not None:  # this L was rounded with the min before the update below
+                    frozen[0] = iscale
+                    frozen[1] = mn
                 best_mad = mad
                 scale = this_scale
                 mn = this_min

@@ -1,0 +1,95 @@
+"""quantize --method gptq end to end on a tiny llama: Hessians from `mixquant imatrix --hessians` or
+calibrated on the fly, ordinary GGUF blocks with lower output error than rtn, one-line errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from mixquant import formats
+from mixquant.calibrate import input_of
+from mixquant.cli import main
+from mixquant.hessians import Hessians
+from mixquant.quantize import output_error
+from mixquant.source import open_source
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    from conftest import tiny_model_and_text
+
+    root = tmp_path_factory.mktemp("tiny_gptq")
+    model, text = tiny_model_and_text(root, 2000, seed=1)
+    hess, imatrix = root / "hessians.safetensors", root / "imatrix.gguf"
+    assert main(["imatrix", str(model), "--text", str(text), "--ctx", "64", "-o", str(imatrix),
+                 "--hessians", str(hess)]) == 0
+    return {"model": model, "text": text, "hessians": hess, "imatrix": imatrix}
+
+
+def run(capsys, *args) -> tuple[int, str]:
+    rc = main(["quantize", *map(str, args)])
+    return rc, capsys.readouterr().err
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).view(np.uint8).reshape(-1)) for t in GGUFReader(path).tensors}
+
+
+def test_gptq_writes_ordinary_blocks_with_lower_output_error(tiny, tmp_path, capsys):
+    rtn, gptq, default = tmp_path / "rtn.gguf", tmp_path / "gptq.gguf", tmp_path / "default.gguf"
+    common = [tiny["model"], "Q4_0", "--imatrix", tiny["imatrix"]]
+    assert run(capsys, tiny["model"], default, *common[1:])[0] == 0
+    assert run(capsys, tiny["model"], rtn, *common[1:], "--method", "rtn")[0] == 0
+    rc, err = run(capsys, tiny["model"], gptq, *common[1:], "--method", "gptq", "--hessians", tiny["hessians"])
+    assert rc == 0 and "gptq: 14 tensors rounded with error feedback" in err, err
+    assert default.read_bytes() == rtn.read_bytes()
+    a, b = _tensors(rtn), _tensors(gptq)
+    assert a.keys() == b.keys() and all(a[n][0] == b[n][0] for n in a)
+    hess = Hessians.load(tiny["hessians"])
+    with open_source(tiny["model"]) as src:
+        for name, (type_name, data) in a.items():
+            key = input_of(name)
+            if key is None or type_name == "F32":
+                assert np.array_equal(data, b[name][1]), name  # norms, the token embedding: unchanged
+                continue
+            w = src.tensor(name).reshape(-1, src.tensor(name).shape[-1])
+            h = hess.matrix(key)
+            e_rtn = output_error(w, formats.dequantize(data, type_name, w.shape), h)
+            e_gptq = output_error(w, formats.dequantize(b[name][1], type_name, w.shape), h)
+            assert e_gptq < e_rtn, (name, e_gptq, e_rtn)
+
+
+def test_gptq_calibrates_on_the_fly_and_takes_any_plan(tiny, tmp_path, capsys):
+    out = tmp_path / "fly.gguf"
+    rc, err = run(capsys, tiny["model"], out, "Q5_1", "--tensor-type", "ffn_down=Q8_0", "--method", "gptq",
+                  "--text", tiny["text"])
+    assert rc == 0 and "hessians: calibrated on" in err, err
+    types = {n: t for n, (t, _) in _tensors(out).items()}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q5_1"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "gptq"], "--method gptq needs --hessians FILE"),
+    (["--hessians", "{hessians}"], "--hessians goes with --method gptq"),
+    (["--method", "gptq", "--hessians", "{cut}"], "cut.safetensors"),
+    (["--method", "gptq", "--hessians", "{imatrix}"], "not a readable Hessians file"),
+])
+def test_bad_gptq_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, args, message):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(tiny["hessians"].read_bytes()[:100_000])
+    out = tmp_path / "o.gguf"
+    rc, err = run(capsys, tiny["model"], out, "Q4_0",
+                  *[a.format(hessians=tiny["hessians"], cut=cut, imatrix=tiny["imatrix"]) for a in args])
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("mixquant: error:") and message in err, err
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_hessians_of_another_model_are_refused(tiny, tmp_path, capsys):
+    other = Hessians.load(tiny["hessians"])
+    other.sums = {k: np.eye(32) for k in other.rows}  # a model with 32 columns everywhere
+    other.model = {**other.model, "n_embd": 32}
+    path = other.save(tmp_path / "other.safetensors")
+    rc, err = run(capsys, tiny["model"], tmp_path / "o.gguf", "Q4_0", "--method", "gptq", "--hessians", path)
+    assert rc == 1 and "Hessians are for another model (n_embd 32, this model has 64)" in err, err
+    assert not (tmp_path / "o.gguf").exists()
