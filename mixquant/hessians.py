@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MixquantError
+from .files import atomic_output
 
 SCHEMA = "mixquant.hessians/1"
 # Hessians held in memory while calibrating (and written at the end) unless the caller says otherwise.
@@ -78,20 +78,13 @@ class Hessians:
         return h
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write to `path` through a temporary file in the same folder (nothing half-written)."""
+        """Write to `path` atomically (`files.atomic_output`: nothing half-written)."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
         meta = {"schema": SCHEMA, "model": json.dumps(self.model), "rows": json.dumps(self.rows)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_output(path) as tmp:
             save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.sums.items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Hessians:
