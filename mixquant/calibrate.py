@@ -23,10 +23,16 @@ Source of truth: llama.cpp 0c1e570, `tools/imatrix/imatrix.cpp` (`IMatrixCollect
   `n_seq = 2048 // ctx` windows are decoded together as separate sequences and split into
   micro-batches of `512 // n_seq` tokens per sequence, so e.g. `-c 512 --chunks 3` loses the last
   2 tokens of each of the 3 windows (a 6-token micro-batch); `imatrix_token_mask` reproduces this.
+* for a mixture-of-experts layer's stacked experts (`ffn_{gate,up,down}_exps`, ggml_mul_mat_id),
+  per expert, the sum of x^2 over the tokens routed to it and their number (`Imatrix.expert_counts`;
+  in_sum2 [n_cols, n_expert], counts [1, n_expert]); gate and up see the layer's input, down each
+  expert's own act(gate) * up. These are collected over every token: the 16-token minimum does not
+  apply to them. The router (`ffn_gate_inp`) is a plain product.
 * `imatrix.chunk_count` is `max(count) // chunk_size`, `imatrix.chunk_size` is the context size.
 
 llama-quantize's quant_weights for a tensor: GGUF format `in_sum2 / counts` in float32 (all ones
-where a count is 0); legacy format the stored values divided by ncall (`Imatrix.importance`).
+where a count is 0), per expert for a stack of experts (each expert's rows quantized with its own
+slice); legacy format the stored values divided by ncall (`Imatrix.importance`).
 
 One departure, off by default: `calibrate(..., output_importance=True)` also collects the output
 layer's input (the final normed hidden state) when the output is tied, and stores it under
@@ -38,7 +44,8 @@ both use it. The file is then no longer what llama-imatrix would write from the 
 Activation statistics (`ActivationStats`, keys from `input_of`): per distinct linear input of each
 block (q/k/v share `blk.N.attn_in`; then `attn_output_in`, `ffn_in` for gate/up, `ffn_down_in`),
 the residual stream leaving each block (`blk.N.residual`) and the output layer's input
-(`output_in`), over every token of every window (the imatrix's token mask does not apply). Each is
+(`output_in`), over every token of every window (the imatrix's token mask does not apply); in a
+mixture-of-experts layer `ffn_down_in` has one row per routed (token, expert) pair. Each is
 summarised by a `Distribution`, the same summary `weight_distribution` gives for a weight tensor.
 """
 
