@@ -848,6 +848,8 @@ def _parse_gguf(path: Path) -> Imatrix:
                 raise _Bad(f"{name}: {arr.size} sums do not split into {cnt.size} counts")
             if not np.isfinite(cnt).all():
                 raise _Bad(f"NaN/Inf count in {name}.counts")
+            if (np.abs(cnt) >= 2.0**62).any():
+                raise _Bad(f"count out of range in {name}.counts")
             # common_imatrix_load: std::lround of each float count
             rounded = (np.floor(np.abs(cnt.astype(np.float64)) + 0.5) * np.sign(cnt)).astype(np.int64)
             sums[name] = arr

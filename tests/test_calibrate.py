@@ -204,6 +204,22 @@ def test_moe_entries_per_expert(tmp_path):
     legacy = read_imatrix(tmp_path / "x.dat")
     np.testing.assert_allclose(legacy.importance(name), im.importance(name), rtol=3e-7)
 
+    # for the model it was collected on: one slice per expert of the stacked tensor
+    from types import SimpleNamespace
+
+    from mixquant.calibrate import check_imatrix
+    from mixquant.plan import TensorInfo
+
+    def model(down_shape):
+        return SimpleNamespace(tensors=[TensorInfo("blk.0.ffn_gate_inp.weight", (3, 64)),
+                                        TensorInfo(name, down_shape)])
+
+    check_imatrix(im, model((3, 32, 64)))
+    with pytest.raises(MixquantError, match="has 192 values, the tensor has 256 columns"):
+        check_imatrix(im, model((4, 32, 64)))
+    with pytest.raises(MixquantError, match="counts for 3 experts, the tensor has 6"):
+        check_imatrix(im, model((6, 32, 32)))
+
 
 def test_per_expert_importance_quantizes_each_expert_with_its_slice():
     """formats.quantize with n importance vectors: each matrix of the stack with its own, threaded
