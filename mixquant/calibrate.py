@@ -605,7 +605,9 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
             token = torch.arange(x.shape[0]).repeat_interleave(top_k.shape[1])
             count = torch.bincount(experts, minlength=n_expert)
             x2 = torch.zeros(n_expert, x.shape[1], dtype=torch.float64)
-            x2.index_add_(0, experts, (x * x).to(torch.float64)[token])
+            x_sq = (x * x).to(torch.float64)
+            for slot in range(top_k.shape[1]):  # each token's k-th expert: no (tokens x k, n_embd) copy
+                x2.index_add_(0, top_k[:, slot], x_sq)
             for name in gate_up:
                 add(name, x2.clone(), count)
             h2 = torch.zeros(n_expert, shapes[down][-1], dtype=torch.float64)
