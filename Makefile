@@ -37,6 +37,7 @@ quickstart: setup
 	@echo "report: out/analysis/report.html"
 
 test: setup
+	$(VENV)/bin/ruff check mixquant tests bench
 	$(PY) -m pytest -q
 
 # Fuzz every reader of untrusted files (hypothesis) for FUZZ_SECONDS each; prints executions per reader.

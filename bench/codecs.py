@@ -44,7 +44,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"tensors: {', '.join(f'{t.shape[0]}x{t.shape[1]}' for t in tensors)}; one core; best of {args.repeat}")
     print("importance: a log-normal per-column vector (the shape of a real imatrix)\n")
-    print(f"{'type':8} {'imatrix':7} {'MB':>6} {'mixquant MB/s':>14} {'ggml MB/s':>10} {'ratio':>6} {'gguf-py MB/s':>13} {'vs gguf-py':>10}")
+    print(f"{'type':8} {'imatrix':7} {'MB':>6} {'mixquant MB/s':>14} {'ggml MB/s':>10} {'ratio':>6} "
+          f"{'gguf-py MB/s':>13} {'vs gguf-py':>10}")
     for name in args.types.split(","):
         codec = formats.get(name)
         usable = [t for t in tensors if t.shape[1] % codec.block_size == 0]
@@ -53,12 +54,13 @@ def main() -> None:
             weights = [np.exp(rng.normal(0, 2, t.shape[1])).astype(np.float32) if with_imatrix else None for t in usable]
             for t, w in zip(usable, weights):  # identical bytes, and numba compiled before timing
                 assert formats.quantize(t, name, w) == reference.quantize(t, name, w), f"{name} differs from ggml"
-            ours = best_seconds(lambda: [formats.quantize(t, name, w) for t, w in zip(usable, weights)], args.repeat)
-            theirs = best_seconds(lambda: [reference.quantize(t, name, w) for t, w in zip(usable, weights)], args.repeat)
+            # each lambda is timed at once, inside this iteration: the loop variables it reads are current
+            ours = best_seconds(lambda: [formats.quantize(t, name, w) for t, w in zip(usable, weights)], args.repeat)  # noqa: B023
+            theirs = best_seconds(lambda: [reference.quantize(t, name, w) for t, w in zip(usable, weights)], args.repeat)  # noqa: B023
             gguf_py = ""
             if not with_imatrix and name != "F32":  # gguf-py's F32 'quantizer' is the identity
                 try:
-                    secs = best_seconds(lambda: [gguf.quants.quantize(t, codec.ggml_type) for t in usable], 1)
+                    secs = best_seconds(lambda: [gguf.quants.quantize(t, codec.ggml_type) for t in usable], 1)  # noqa: B023
                     gguf_py = f"{megabytes / secs:13.1f} {secs / ours:9.1f}x"
                 except NotImplementedError:
                     gguf_py = f"{'-':>13} {'-':>10}"

@@ -410,6 +410,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_actquant(args: argparse.Namespace) -> int:
+    """Activation quantization (W8A8, LLM.int8(), SmoothQuant) against float32: a table per scheme."""
+    import json
+
+    from .activations import actquant, format_table
+    from .activations.report import write_actquant_report
+
+    report = _output_folder(args.report) if args.report else None
+    result = actquant(args.src, args.text, args.calib, schemes=args.schemes.split(",") if args.schemes else None,
+                      weights=args.weights, bits=args.bits, ctx=args.ctx, chunks=args.chunks,
+                      calib_chunks=args.calib_chunks, sensitivity=not args.no_sensitivity,
+                      sensitivity_chunks=args.sensitivity_chunks, sensitivity_scheme=args.sensitivity_scheme,
+                      target_kld=args.target_kld, imatrix=_read_imatrix_arg(args.imatrix), threads=args.threads,
+                      progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps([r.to_dict() for r in result.rows], indent=1))
+    else:
+        print(format_table(result))
+    if report:
+        path = write_actquant_report(report, result)
+        print(f"report: {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixquant", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mixquant {__version__}")
@@ -497,11 +521,33 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_common(p)
     p.add_argument("--plot", help="write a PNG of mean KLD against bits per weight here")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("actquant", help="quantize activations (W8A8, LLM.int8(), SmoothQuant): damage per scheme")
+    p.add_argument("src", help="the model's Hugging Face folder (the float32 reference)")
+    p.add_argument("--text", required=True, help="evaluation text file")
+    p.add_argument("--calib", required=True, help="calibration text for the static scales (not the evaluation text)")
+    p.add_argument("--weights", default="none", metavar="none|Q8_0|per-channel-int8|PLAN",
+                   help="weights as well: rounded in the forward pass, or a preset/type quantized with the GGUF "
+                        "codecs (default none; LLM.int8() and SmoothQuant always get int8 weights)")
+    p.add_argument("--bits", type=int, default=8, help="activation bits: 8 (default) or 4")
+    p.add_argument("--schemes", help="comma-separated schemes (default: all, with the threshold and alpha sweeps)")
+    p.add_argument("--ctx", type=int, default=512, help="window size (default 512)")
+    p.add_argument("--chunks", type=int, default=2, help="evaluation windows (default 2)")
+    p.add_argument("--calib-chunks", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--no-sensitivity", action="store_true", help="skip the per-input sensitivity and allocation")
+    p.add_argument("--sensitivity-scheme", default="minmax-sym", help="scheme of the sensitivity (default minmax-sym)")
+    p.add_argument("--sensitivity-chunks", type=int, default=1, help="windows per sensitivity measurement (default 1)")
+    p.add_argument("--target-kld", type=float, default=0.01, help="KLD the allocation must reach (default 0.01)")
+    p.add_argument("--imatrix", help="importance matrix for a --weights plan")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--report", metavar="DIR", help="write actquant.html, actquant.json and plots/ here")
+    p.set_defaults(func=_cmd_actquant)
     return parser
 
 
 # arguments naming files or folders a command reads: no output may replace one
-_INPUT_ARGS = ("src", "model", "text", "imatrix", "sensitivity", "recipe", "gguf", "items", "hessians")
+_INPUT_ARGS = ("src", "model", "text", "calib", "imatrix", "sensitivity", "recipe", "gguf", "items", "hessians")
 
 
 def _note_inputs(args: argparse.Namespace) -> None:

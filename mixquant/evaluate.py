@@ -483,17 +483,17 @@ class Evaluator:
             out = self.model(input_ids=window[None], use_cache=False, logits_to_keep=self.ctx - self.first)
         return out.logits[0, :-1].float()
 
-    def _bar(self, desc: str):
+    def _bar(self, desc: str, chunks: int | None = None):
         from tqdm import tqdm
 
-        return tqdm(range(self.n_chunks), desc=desc, unit="chunk", leave=False,
+        return tqdm(range(chunks or self.n_chunks), desc=desc, unit="chunk", leave=False,
                     disable=not self.progress, file=sys.stderr)
 
-    def _scored(self, label: str, forward: "_Stopwatch"):
+    def _scored(self, label: str, forward: "_Stopwatch", chunks: int | None = None):
         """Per window: (index, logits, log-softmax, NLL of each scored token); times the forward passes."""
         import torch
 
-        for c in self._bar(label):
+        for c in self._bar(label, chunks):
             window = self.windows[c]
             with forward:
                 logits = self._logits(window)
@@ -603,13 +603,20 @@ class Evaluator:
         with self._activation_hooks(types):
             return self._score_windows(label, kind, nbytes, bpw, started)
 
-    def _score_windows(self, label: str, kind: str, nbytes: int, bpw: float, started: float) -> EvalResult:
+    def score(self, label: str, chunks: int | None = None) -> EvalResult:
+        """Evaluate the model as it is now, with any hooks a caller has put on it (mixquant.activations
+        fake-quantizes activations this way), on the first `chunks` windows (default all)."""
+        return self._score_windows(label, "model", 0, 0.0, time.perf_counter(), chunks)
+
+    def _score_windows(self, label: str, kind: str, nbytes: int, bpw: float, started: float,
+                       chunks: int | None = None) -> EvalResult:
         ref = self.reference()
-        kld = np.zeros((self.n_chunks, self.n_scored), dtype=np.float64)
-        nll = np.zeros((self.n_chunks, self.n_scored), dtype=np.float64)
+        n_chunks = min(chunks or self.n_chunks, self.n_chunks)
+        kld = np.zeros((n_chunks, self.n_scored), dtype=np.float64)
+        nll = np.zeros((n_chunks, self.n_scored), dtype=np.float64)
         same = 0
         forward = _Stopwatch()
-        for c, logits, logq, nll[c] in self._scored(label, forward):
+        for c, logits, logq, nll[c] in self._scored(label, forward, n_chunks):
             same += int((logits.argmax(dim=-1).numpy() == ref.top1[c]).sum())
             logp = ref.logprobs(c)
             kld[c] = (logp.exp() * (logp - logq)).sum(dim=-1).numpy()
@@ -620,8 +627,8 @@ class Evaluator:
             ppl=float(math.exp(nll.mean())), ppl_ref=ref.ppl,
             kld_mean=float(flat.mean()), kld_median=float(np.median(flat)), kld_p99=_percentile(flat, 0.99),
             top1=same / flat.size, tokens=int(flat.size),
-            tokens_per_s=forward.rate(self.n_chunks * self.ctx),
-            ctx=self.ctx, chunks=self.n_chunks, seconds=time.perf_counter() - started,
+            tokens_per_s=forward.rate(n_chunks * self.ctx),
+            ctx=self.ctx, chunks=n_chunks, seconds=time.perf_counter() - started,
             cpu_activations=self.cpu_activations,
         )
 
@@ -829,7 +836,8 @@ def check_items(items: Iterable[str], model_info: ModelInfo, imatrix: Importance
 
 
 def evaluate(src: ModelRef, text: str | os.PathLike[str], *, gguf_path: str | os.PathLike[str] | None = None,
-             plan: Plan | Mapping[str, str] | str | None = None, imatrix: Importance | None = None, ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
+             plan: Plan | Mapping[str, str] | str | None = None, imatrix: Importance | None = None,
+             ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
              threads: int | None = None, progress: bool = True, cpu_activations: bool = False) -> EvalResult:
     """Evaluate one GGUF file or one plan against the float32 model (reference cached)."""
     if (gguf_path is None) == (plan is None):

@@ -191,7 +191,7 @@ def gguf_file_size(source: Source, plan: Any, *, file_type: int | str | None = N
         writer = _write_header(Path(scratch) / "header.gguf", source, tensors, file_type, name, alignment, extra_metadata)
         writer.close()
         size = (Path(scratch) / "header.gguf").stat().st_size
-    for tname, shape, type_name in tensors:
+    for _, shape, type_name in tensors:
         size += -size % align + formats.quantized_size(type_name, (math.prod(shape[:-1]), shape[-1]))
     return size
 

@@ -421,7 +421,7 @@ def test_analysis_of_a_tiny_model_allocates(tiny, tmp_path):
     sens = analyze(src, None, text=text, n_windows=2, ctx=48, measure="all", progress=False, threads=1)
     assert set(sens.names) == {t.name for t in src.model.tensors}
     assert sens.settings["tokens"] == 2 * (48 - 1 - 48 // 8)
-    for name, t in sens.tensors.items():
+    for _name, t in sens.tensors.items():
         if t.fixed:
             continue
         assert {"F32", "F16", "Q8_0", "Q4_0"} <= set(t.types)

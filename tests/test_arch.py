@@ -34,7 +34,7 @@ def smollm_tokenizer(tmp_path_factory) -> Path:
 
 def _save(model, folder: Path, tokenizer: Path) -> Path:
     with torch.no_grad():  # norms away from their neutral value: a mix-up or a missing shift shows
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(0.2 * torch.randn_like(p) + (0.0 if "gemma" in type(model).__name__.lower() else 1.0))
     model.save_pretrained(folder)

@@ -49,7 +49,7 @@ from mixquant.text import adds_bos, read_text, token_windows, tokenize
 def _random_imatrix(seed: int = 0, chunk_size: int = 512) -> Imatrix:
     rng = np.random.default_rng(seed)
     sums, counts = {}, {}
-    for i, (kind, cols) in enumerate([("attn_q", 64), ("attn_output", 64), ("ffn_down", 96), ("ffn_up", 64)]):
+    for _i, (kind, cols) in enumerate([("attn_q", 64), ("attn_output", 64), ("ffn_down", 96), ("ffn_up", 64)]):
         for layer in (0, 1, 10):
             name = f"blk.{layer}.{kind}.weight"
             count = int(rng.integers(1, 5)) * chunk_size - int(rng.integers(0, 7))

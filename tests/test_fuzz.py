@@ -27,7 +27,7 @@ def test_fuzz_every_reader_briefly():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:] if line and line[0] != " "}
     assert set(rows) == set(fuzz.TARGETS), proc.stdout
-    for name, (_, executions, _, _, crashes) in rows.items():
+    for _name, (_, executions, _, _, crashes) in rows.items():
         assert int(executions) > 0 and int(crashes) == 0, proc.stdout
 
 

@@ -73,7 +73,7 @@ def _tiny_model(folder: Path, tokenizer_dir: Path, arch: str = "llama", dtype=No
                   max_position_embeddings=2048, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, **extra)
     model = model_cls(cfg)
     with torch.no_grad():  # norms at 1.0 would hide a mix-up between them
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     if dtype is not None:
@@ -93,7 +93,7 @@ def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
 def tiny_src(tiny_llama):
     """The tiny llama opened once (its metadata, which loads the tokenizer, is then cached)."""
     src = open_source(tiny_llama)
-    src.metadata
+    assert src.metadata
     return src
 
 

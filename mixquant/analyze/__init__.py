@@ -136,6 +136,7 @@ from .sensitivity import (
     predicted_error,
     rank_correlation,
     scored_pairs,
+    spearman,
 )
 
 __all__ = [
@@ -149,6 +150,7 @@ __all__ = [
     "predicted_error",
     "rank_correlation",
     "scored_pairs",
+    "spearman",
     "DEFAULT_WINDOWS",
     "DEFAULT_CTX",
     "DEFAULT_PROBES",

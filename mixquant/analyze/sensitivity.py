@@ -290,7 +290,7 @@ class Sensitivity:
         errs: list[float] = []
         plain: list[float] = []
         n_tensors = 0
-        for cat, names in self._by_category().items():
+        for names in self._by_category().values():
             ref, _ = self._factors(r, names)
             for n in names:
                 rn = r.get(n, {})
@@ -508,12 +508,13 @@ def rank_correlation(sens: Sensitivity, kind: str = "predicted",
         if wanted is None or typ in wanted:
             pairs.setdefault(typ, []).append((score, measured))
     everything = [xy for v in pairs.values() for xy in v]
-    return {"kind": kind, "pairs": len(everything), "rho": _spearman(everything),
-            "per_type": {typ: {"pairs": len(v), "rho": _spearman(v)}
+    return {"kind": kind, "pairs": len(everything), "rho": spearman(everything),
+            "per_type": {typ: {"pairs": len(v), "rho": spearman(v)}
                          for typ, v in sorted(pairs.items(), key=lambda kv: _type_order(kv[0]))}}
 
 
-def _spearman(xy: list[tuple[float, float]]) -> float | None:
+def spearman(xy: list[tuple[float, float]]) -> float | None:
+    """Spearman rank correlation of (x, y) pairs (ties share their mean rank); None for under 2."""
     if len(xy) < 2:
         return None
     a = np.asarray(xy, dtype=np.float64)

@@ -89,6 +89,10 @@ class Adapter:
         "attn_v": ("attn_output",), "ffn_up": ("ffn_down",),
     }
 
+    # input key -> the decoder layer's norm module whose output is exactly that input, and whose
+    # weight multiplies it (so a per-channel scale folds into the weight: SmoothQuant)
+    input_norms: ClassVar[dict[str, str]] = {"attn_in": "input_layernorm", "ffn_in": "post_attention_layernorm"}
+
     @property
     def name(self) -> str:
         """The GGUF architecture name (general.architecture)."""
@@ -251,6 +255,16 @@ class Adapter:
     def expert_hidden(self, module: torch.nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
         """The input of expert `expert`'s down projection for its tokens `x` (n, n_embd)."""
         raise NotImplementedError(f"{self.name} has no mixture-of-experts layers")
+
+    def norms_before(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """Activation key ("blk.3.attn_in") -> the norm module of `input_norms` producing it."""
+        out = {}
+        for i, layer in enumerate(model.get_decoder().layers):
+            for key, attr in self.input_norms.items():
+                norm = getattr(layer, attr, None)
+                if norm is not None and getattr(norm, "weight", None) is not None:
+                    out[f"blk.{i}.{key}"] = norm
+        return out
 
     def input_of(self, tensor_name: str, tied_output: bool = False) -> str | None:
         """The activation key of the input GGUF weight `tensor_name` multiplies ("blk.3.attn_in"

@@ -27,6 +27,7 @@ class Gemma3(Adapter):
     model_types = ("gemma3_text",)
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     norm_shift = 1.0
+    input_norms = {}  # its norms multiply by (1 + w): a scale cannot fold into w by division
     block_tensors = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                      "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight", "ffn_norm.weight",
                      "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight")

@@ -48,6 +48,7 @@ class Qwen3Moe(Adapter):
                      "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
     norm_feeds = {"attn_norm": ("attn_q", "attn_k", "attn_v"), "attn_v": ("attn_output",),
                   "ffn_norm": ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"), "ffn_up_exps": ("ffn_down_exps",)}
+    input_norms = {"attn_in": "input_layernorm"}  # ffn_norm also feeds the experts, which are no nn.Linear
 
     def add_hparams(self, w: GGUFWriter, hp: dict[str, Any], src: HFSource) -> None:
         """Qwen2MoeModel.set_gguf_parameters' additions."""

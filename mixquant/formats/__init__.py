@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MixquantError
+
 
 def _drop_stale_kernel_cache() -> None:
     """numba's on-disk cache only tracks the file of the cached function itself, not the helpers
@@ -31,8 +33,7 @@ def _drop_stale_kernel_cache() -> None:
 _drop_stale_kernel_cache()
 
 from . import floats, iquants, kquants, legacy  # noqa: E402, F401  (registration)
-from .base import REGISTRY, Codec
-from ..errors import MixquantError
+from .base import REGISTRY, Codec  # noqa: E402
 
 __all__ = ["Codec", "FORMATS", "get", "quantize", "dequantize", "quantized_size"]
 

@@ -287,7 +287,7 @@ def _dequantize_q2_k(data, y):
             for n in range(0, QK_K, 128):
                 qo = bo + Q2K_QS + n // 4
                 shift = 0
-                for j in range(4):
+                for _j in range(4):
                     for half in range(2):
                         sc = q[bo + Q2K_SCALES + is_]
                         is_ += 1
@@ -406,7 +406,7 @@ def _dequantize_q3_k(data, y):
             for n in range(0, QK_K, 128):
                 qo = bo + Q3K_QS + n // 4
                 shift = 0
-                for j in range(4):
+                for _j in range(4):
                     for half in range(2):
                         dl = d_all * F32(get_q3_scale(is_, q, bo + Q3K_SCALES))
                         is_ += 1

@@ -140,7 +140,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
             fl = F32(l)
             sumlx += w * x[i] * fl
             suml2 += w * fl * fl
-        for itry in range(5):
+        for _itry in range(5):
             n_changed = 0
             for i in range(n):
                 w = x[i] * x[i]
@@ -375,7 +375,7 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
         fl = F32(l)  # C accumulates the int l here, not the stored uint8_t
         sumlx += w * x[i] * fl
         suml2 += w * fl * fl
-    for itry in range(5):
+    for _itry in range(5):
         n_changed = 0
         for i in range(n):
             w = quant_weights[i]
