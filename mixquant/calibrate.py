@@ -23,10 +23,16 @@ Source of truth: llama.cpp 0c1e570, `tools/imatrix/imatrix.cpp` (`IMatrixCollect
   `n_seq = 2048 // ctx` windows are decoded together as separate sequences and split into
   micro-batches of `512 // n_seq` tokens per sequence, so e.g. `-c 512 --chunks 3` loses the last
   2 tokens of each of the 3 windows (a 6-token micro-batch); `imatrix_token_mask` reproduces this.
+* for a mixture-of-experts layer's stacked experts (`ffn_{gate,up,down}_exps`, ggml_mul_mat_id),
+  per expert, the sum of x^2 over the tokens routed to it and their number (`Imatrix.expert_counts`;
+  in_sum2 [n_cols, n_expert], counts [1, n_expert]); gate and up see the layer's input, down each
+  expert's own act(gate) * up. These are collected over every token: the 16-token minimum does not
+  apply to them. The router (`ffn_gate_inp`) is a plain product.
 * `imatrix.chunk_count` is `max(count) // chunk_size`, `imatrix.chunk_size` is the context size.
 
 llama-quantize's quant_weights for a tensor: GGUF format `in_sum2 / counts` in float32 (all ones
-where a count is 0); legacy format the stored values divided by ncall (`Imatrix.importance`).
+where a count is 0), per expert for a stack of experts (each expert's rows quantized with its own
+slice); legacy format the stored values divided by ncall (`Imatrix.importance`).
 
 One departure, off by default: `calibrate(..., output_importance=True)` also collects the output
 layer's input (the final normed hidden state) when the output is tied, and stores it under
@@ -38,7 +44,8 @@ both use it. The file is then no longer what llama-imatrix would write from the 
 Activation statistics (`ActivationStats`, keys from `input_of`): per distinct linear input of each
 block (q/k/v share `blk.N.attn_in`; then `attn_output_in`, `ffn_in` for gate/up, `ffn_down_in`),
 the residual stream leaving each block (`blk.N.residual`) and the output layer's input
-(`output_in`), over every token of every window (the imatrix's token mask does not apply). Each is
+(`output_in`), over every token of every window (the imatrix's token mask does not apply); in a
+mixture-of-experts layer `ffn_down_in` has one row per routed (token, expert) pair. Each is
 summarised by a `Distribution`, the same summary `weight_distribution` gives for a weight tensor.
 """
 
@@ -96,8 +103,14 @@ class Imatrix:
     """Per-tensor sums of squared activations, keyed by GGUF weight name.
 
     sums: name -> float32 vector, one entry per input column (a weight's `ne[0]`), the sum over all
-        collected activation rows of x^2 (what a GGUF imatrix stores as `<name>.in_sum2`).
-    counts: name -> number of activation rows (tokens) accumulated (`<name>.counts`).
+        collected activation rows of x^2 (what a GGUF imatrix stores as `<name>.in_sum2`); for a
+        stack of matrices (a mixture-of-experts' `ffn_*_exps`), one such vector per matrix, expert
+        after expert (n_expert * n_cols values).
+    counts: name -> number of activation rows (tokens) accumulated (`<name>.counts`); for an entry
+        with `expert_counts`, their maximum.
+    expert_counts: name -> int64 vector, one count per matrix of a stack (llama-imatrix's MUL_MAT_ID
+        entries: the tokens routed to each expert), stored as `<name>.counts` of shape [1, n_expert];
+        entries without one have a single count.
     chunks: `imatrix.chunk_count`; chunk_size: `imatrix.chunk_size` (the context size);
     datasets: `imatrix.datasets` (the calibration file names).
     """
@@ -107,6 +120,7 @@ class Imatrix:
     chunks: int
     datasets: list[str] = field(default_factory=list)
     chunk_size: int = LEGACY_CHUNK_SIZE
+    expert_counts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = set(self.sums) ^ set(self.counts)
@@ -114,6 +128,17 @@ class Imatrix:
             raise ValueError(f"imatrix sums and counts name different tensors, e.g. {sorted(missing)[0]}")
         self.sums = {k: np.ascontiguousarray(v, dtype=np.float32).reshape(-1) for k, v in self.sums.items()}
         self.counts = {k: int(v) for k, v in self.counts.items()}
+        self.expert_counts = {k: np.asarray(v, dtype=np.int64).reshape(-1) for k, v in self.expert_counts.items()}
+        for name, per_expert in self.expert_counts.items():
+            if name not in self.sums or per_expert.size == 0 or self.sums[name].size % per_expert.size:
+                raise ValueError(f"imatrix entry {name}: {self.sums.get(name, np.empty(0)).size} sums do not "
+                                 f"split into {per_expert.size} experts")
+            self.counts[name] = int(per_expert.max())
+
+    def matrix_counts(self, name: str) -> np.ndarray:
+        """The count of each matrix of entry `name`: its per-expert counts, or its one count."""
+        per_expert = self.expert_counts.get(name)
+        return per_expert if per_expert is not None else np.array([self.counts[name]], dtype=np.int64)
 
     def __contains__(self, name: str) -> bool:
         return name in self.sums
@@ -125,14 +150,18 @@ class Imatrix:
     def importance(self, name: str) -> np.ndarray | None:
         """The float32 vector llama-quantize passes as quant_weights for tensor `name`, or None if
         the imatrix has no entry for it: `in_sum2 / (float) count` in float32, all ones when the
-        count is 0 (quantize.cpp load_imatrix)."""
+        count is 0 (quantize.cpp load_imatrix); per expert for a stack of experts, whose vector
+        then holds one slice of n_cols values per expert (the slice llama-quantize uses for the
+        rows of that expert)."""
         sums = self.sums.get(name)
         if sums is None:
             return None
-        count = np.float32(self.counts[name])
-        if count > 0:
-            return sums / count  # float32 / float32: correctly rounded, as in C
-        return np.ones_like(sums)
+        counts = self.matrix_counts(name).astype(np.float32)
+        per_matrix = sums.reshape(counts.size, -1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = per_matrix / counts[:, None]  # float32 / float32: correctly rounded, as in C
+        out[counts == 0] = 1
+        return out.reshape(-1)
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """{name: importance(name)} for every entry, e.g. for `export.write_gguf(importance=...)`."""
@@ -491,8 +520,6 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         raise MixquantError(f"{hf_folder}: calibration needs a Hugging Face model folder")
     info, adapter = source.model, source.adapter
     source.close()
-    if not adapter.calibrates:
-        raise MixquantError(f"{hf_folder}: calibrating {adapter.name} (mixture-of-experts) models is not supported yet")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_folder, local_files_only=True)
@@ -514,6 +541,7 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         raise MixquantError(f"{hf_folder}: transformers cannot load the model: {exc}") from None
     model.eval()
     names = adapter.linear_modules(model, info.n_layer)
+    shapes = {t.name: t.shape for t in info.tensors}
     collect = {m: n for m, n in names.items() if n.startswith("blk.")}
     output_name = None  # the imatrix entry for the output layer's input, if any
     if output_importance or (process_output and not info.tied_output):
@@ -524,6 +552,7 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    expert_counts: dict[str, torch.Tensor] = {}
     state = {"rows": None}  # the token mask of the window being run, as a torch bool tensor
     # input key -> (first module reading it, columns): q/k/v (gate/up) share one input, summed once
     hess_inputs: dict[str, tuple[str, int]] = {}
@@ -583,6 +612,40 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
             accumulate(gguf_name, x)
         return hook
 
+    def expert_hook(layer: int):
+        """llama-imatrix's MUL_MAT_ID: per expert, the sum of x^2 over the tokens routed to it and
+        their number, over every token (its 16-token minimum applies to plain products only)."""
+        gate_up = [f"blk.{layer}.ffn_gate_exps.weight", f"blk.{layer}.ffn_up_exps.weight"]
+        down = f"blk.{layer}.ffn_down_exps.weight"
+        n_expert = shapes[down][0]
+        key = stream(adapter.input_of(down))
+
+        def add(name: str, x2: torch.Tensor, count: torch.Tensor) -> None:
+            if name in sums:
+                sums[name] += x2
+                expert_counts[name] += count
+            else:
+                sums[name], expert_counts[name] = x2, count.clone()
+
+        def hook(module, args, kwargs):
+            x, top_k = adapter.routed_tokens(module, args, kwargs)
+            experts = top_k.reshape(-1)  # the expert of each (token, slot) pair, token-major
+            token = torch.arange(x.shape[0]).repeat_interleave(top_k.shape[1])
+            count = torch.bincount(experts, minlength=n_expert)
+            x2 = torch.zeros(n_expert, x.shape[1], dtype=torch.float64)
+            x_sq = (x * x).to(torch.float64)
+            for slot in range(top_k.shape[1]):  # each token's k-th expert: no (tokens x k, n_embd) copy
+                x2.index_add_(0, top_k[:, slot], x_sq)
+            for name in gate_up:
+                add(name, x2.clone(), count)
+            h2 = torch.zeros(n_expert, shapes[down][-1], dtype=torch.float64)
+            for e in torch.nonzero(count).reshape(-1).tolist():
+                h = adapter.expert_hidden(module, e, x[token[experts == e]])
+                observe(key, h)
+                h2[e] = torch.sum(h * h, dim=0, dtype=torch.float64)
+            add(down, h2, count)
+        return hook
+
     def residual_hook(key: str | None):
         return lambda _module, _args, out: observe(key, out[0] if isinstance(out, tuple) else out)
 
@@ -595,6 +658,8 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         return hook
 
     hooks = [modules[m].register_forward_pre_hook(linear_hook(n)) for m, n in collect.items()]
+    hooks += [modules[m].register_forward_pre_hook(expert_hook(layer), with_kwargs=True)
+              for m, layer in adapter.expert_modules(model, info.n_layer).items()]
     hooks += [layer.register_forward_hook(residual_hook(stream(f"blk.{i}.residual")))
               for i, layer in enumerate(decoder.layers)] if activations else []
     if activations or output_name:
@@ -627,9 +692,11 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         if not np.isfinite(v).all():
             raise MixquantError(f"{hf_folder}: non-finite activations entering {name}")
         out_sums[name] = v
+    per_expert = {name: c.numpy() for name, c in expert_counts.items()}
+    counts.update({name: int(c.max()) for name, c in per_expert.items()})
     max_count = max(counts.values(), default=0)
     imatrix = Imatrix(sums=out_sums, counts=counts, chunks=max_count // ctx,
-                      datasets=[dataset] if dataset else [], chunk_size=ctx)
+                      datasets=[dataset] if dataset else [], chunk_size=ctx, expert_counts=per_expert)
     stats = None
     if activations:
         stats = ActivationStats(stats={k: streams[k].activation_stat() for k in sorted(streams, key=_key_order)
@@ -687,7 +754,8 @@ def _gguf_bytes(imatrix: Imatrix) -> bytes:
     """IMatrixCollector::save_imatrix, byte for byte (by hand: gguf's writer adds
     general.architecture and cannot write the empty imatrix.datasets array llama-imatrix can):
     keys general.type, imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size; for each name in sorted order the F32 tensors
-    `<name>.in_sum2` (ne = [n_cols, 1]) and `<name>.counts` (ne = [1, 1])."""
+    `<name>.in_sum2` (ne = [n_cols, n_mat]) and `<name>.counts` (ne = [1, n_mat]), n_mat the number
+    of counts (1, or the experts of a MoE stack)."""
     kv = [
         _gguf_string("general.type") + struct.pack("<I", _STRING) + _gguf_string("imatrix"),
         _gguf_string("imatrix.datasets") + struct.pack("<IIQ", _ARRAY, _STRING, len(imatrix.datasets))
@@ -700,12 +768,14 @@ def _gguf_bytes(imatrix: Imatrix) -> bytes:
         sums = imatrix.sums[name]
         if sums.size == 0:
             continue
-        tensors.append((f"{name}.in_sum2", sums))
-        tensors.append((f"{name}.counts", np.array([imatrix.counts[name]], dtype=np.float32)))
+        counts = imatrix.matrix_counts(name).astype(np.float32)
+        tensors.append((f"{name}.in_sum2", sums.reshape(counts.size, -1)))
+        tensors.append((f"{name}.counts", counts.reshape(counts.size, 1)))
     infos, blobs, offset = [], [], 0
     for tname, arr in tensors:
-        # ggml_n_dims: trailing dimensions of 1 are not written, so both are 1-D here
-        infos.append(_gguf_string(tname) + struct.pack("<IqIQ", 1, arr.size, _GGML_TYPE_F32, offset))
+        ne = arr.shape[::-1]  # ggml order; ggml_n_dims: trailing dimensions of 1 are not written
+        ne = ne[:1] if ne[1] == 1 else ne
+        infos.append(_gguf_string(tname) + struct.pack(f"<I{len(ne)}qIQ", len(ne), *ne, _GGML_TYPE_F32, offset))
         blob = arr.astype("<f4").tobytes()
         blob += bytes(_pad(len(blob)) - len(blob))
         blobs.append(blob)
@@ -718,15 +788,20 @@ def _gguf_bytes(imatrix: Imatrix) -> bytes:
 def _legacy_bytes(imatrix: Imatrix) -> bytes:
     """IMatrixCollector::save_imatrix_legacy: entries with a zero count are skipped; each stores
     ncall = ceil(count / chunk_size) and the values (sum / count) * ncall in float32; then the
-    chunk count and the (last) dataset name."""
+    chunk count and the (last) dataset name. A stack of experts keeps one slice per expert, with
+    its own count, and ncall from the largest; an expert without tokens stores 1 * ncall (the
+    format has one count per entry, so its per-expert counts are lost)."""
     chunk_size = imatrix.chunk_size if imatrix.chunk_size > 0 else LEGACY_CHUNK_SIZE
     names = [n for n in sorted(imatrix.sums) if imatrix.counts[n] > 0]
     out = [struct.pack("<i", len(names))]
     for name in names:
         raw = name.encode("utf-8")
-        count = imatrix.counts[name]
-        ncall = (count + chunk_size - 1) // chunk_size
-        values = (imatrix.sums[name] / np.float32(count)) * np.float32(ncall)
+        counts = imatrix.matrix_counts(name)
+        ncall = (int(counts.max()) + chunk_size - 1) // chunk_size
+        per_matrix = imatrix.sums[name].reshape(counts.size, -1).copy()
+        per_matrix[counts == 0] = 1
+        counts = np.where(counts == 0, 1, counts).astype(np.float32)
+        values = (per_matrix / counts[:, None]) * np.float32(ncall)
         out.append(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, values.size))
         out.append(values.astype("<f4").tobytes())
     dataset = (imatrix.datasets[-1] if imatrix.datasets else "").encode("utf-8")
@@ -795,7 +870,7 @@ def _parse_gguf(path: Path) -> Imatrix:
             continue
         tensors[t.name] = np.array(t.data, dtype=np.float32).reshape(-1)
 
-    sums, counts = {}, {}
+    sums, counts, expert_counts = {}, {}, {}
     for tname, arr in tensors.items():
         if tname.endswith(".in_sum2"):
             name = tname[: -len(".in_sum2")]
@@ -806,12 +881,14 @@ def _parse_gguf(path: Path) -> Imatrix:
                 raise _Bad(f"{name}: {arr.size} sums do not split into {cnt.size} counts")
             if not np.isfinite(cnt).all():
                 raise _Bad(f"NaN/Inf count in {name}.counts")
+            if (np.abs(cnt) >= 2.0**62).any():
+                raise _Bad(f"count out of range in {name}.counts")
             # common_imatrix_load: std::lround of each float count
-            rounded = {int(math.floor(abs(float(c)) + 0.5)) * (1 if c >= 0 else -1) for c in cnt}
-            if len(rounded) > 1:
-                raise _Bad(f"{name}: per-expert counts differ ({cnt.size} experts); MoE imatrices are not supported")
+            rounded = (np.floor(np.abs(cnt.astype(np.float64)) + 0.5) * np.sign(cnt)).astype(np.int64)
             sums[name] = arr
-            counts[name] = rounded.pop()
+            counts[name] = int(rounded.max())
+            if rounded.size > 1:
+                expert_counts[name] = rounded
         elif tname.endswith(".counts") and f"{tname[: -len('.counts')]}.in_sum2" not in tensors:
             raise _Bad(f"tensor {tname} has no matching in_sum2")
     if not sums:
@@ -834,7 +911,8 @@ def _parse_gguf(path: Path) -> Imatrix:
                                                 GGUFValueType.FLOAT64, GGUFValueType.BOOL):
             raise _Bad(f"{key} is not an integer")
         numbers.append(int(f.contents()))
-    return Imatrix(sums=sums, counts=counts, chunks=numbers[0], datasets=names, chunk_size=numbers[1])
+    return Imatrix(sums=sums, counts=counts, chunks=numbers[0], datasets=names, chunk_size=numbers[1],
+                   expert_counts=expert_counts)
 
 
 def _parse_legacy(data: bytes) -> Imatrix:
@@ -885,7 +963,9 @@ def check_imatrix(imatrix: Imatrix, model: Any, where: str | os.PathLike[str] | 
     """A one-line MixquantError unless `imatrix` was collected on `model` (a ModelInfo): every entry
     names one of its tensors and has one value per input column of it."""
     where = str(where or "imatrix")
-    cols = {t.name: t.shape[-1] for t in model.tensors}
+    # a stack of experts (n_expert, rows, cols) has one slice of values per expert, as llama-quantize wants
+    experts = {t.name: math.prod(t.shape[:-2]) for t in model.tensors}
+    cols = {t.name: t.shape[-1] * experts[t.name] for t in model.tensors}
     unknown = [n for n in imatrix.names if n not in cols]
     if unknown:
         raise MixquantError(f"{where}: collected on another model: {len(unknown)} of its {len(imatrix.names)} "
@@ -894,6 +974,10 @@ def check_imatrix(imatrix: Imatrix, model: Any, where: str | os.PathLike[str] | 
         if imatrix.sums[name].size != cols[name]:
             raise MixquantError(f"{where}: collected on another model: {name} has {imatrix.sums[name].size} "
                                 f"values, the tensor has {cols[name]} columns")
+        per_expert = imatrix.expert_counts.get(name)
+        if per_expert is not None and per_expert.size != experts[name]:
+            raise MixquantError(f"{where}: collected on another model: {name} has counts for {per_expert.size} "
+                                f"experts, the tensor has {experts[name]}")
 
 
 def _validate(imatrix: Imatrix) -> None:
@@ -903,5 +987,5 @@ def _validate(imatrix: Imatrix) -> None:
             raise _Bad(f"NaN/Inf values in the entry for {name}")
         if (sums < 0).any():
             raise _Bad(f"negative sums of squares in the entry for {name}")
-        if imatrix.counts[name] < 0:
+        if (imatrix.matrix_counts(name) < 0).any():
             raise _Bad(f"negative count in the entry for {name}")

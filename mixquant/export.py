@@ -129,9 +129,11 @@ def _check_plan(source: Source, plan: Any, importance: dict[str, np.ndarray] | N
             )
         if importance is not None and importance.get(t.name) is not None:
             vec = np.asarray(importance[t.name])
-            if vec.ndim != 1 or vec.shape[0] != cols:
+            n_mat = math.prod(t.shape[:-2])  # a stack of experts: one slice per expert, as llama-quantize
+            if vec.ndim != 1 or vec.shape[0] != cols * n_mat:
                 raise MixquantError(
-                    f"tensor {t.name}: importance vector has shape {vec.shape}, expected ({cols},) (one per input column)"
+                    f"tensor {t.name}: importance vector has shape {vec.shape}, expected ({cols * n_mat},) "
+                    f"(one per input column{f' of each of its {n_mat} experts' if n_mat > 1 else ''})"
                 )
         out.append((t.name, t.shape, codec.name))
     return out

@@ -71,9 +71,11 @@ def _seed_imatrix(dat: bool) -> bytes:
     from mixquant.calibrate import Imatrix, _gguf_bytes, _legacy_bytes
 
     im = Imatrix(sums={"blk.0.attn_q.weight": np.arange(32, dtype=np.float32),
-                       "blk.0.ffn_down.weight": np.ones(64, dtype=np.float32)},
-                 counts={"blk.0.attn_q.weight": 512, "blk.0.ffn_down.weight": 512}, chunks=1,
-                 datasets=["calib.txt"], chunk_size=512)
+                       "blk.0.ffn_down.weight": np.ones(64, dtype=np.float32),
+                       "blk.1.ffn_up_exps.weight": np.ones(2 * 32, dtype=np.float32)},
+                 counts={"blk.0.attn_q.weight": 512, "blk.0.ffn_down.weight": 512, "blk.1.ffn_up_exps.weight": 0},
+                 chunks=1, datasets=["calib.txt"], chunk_size=512,
+                 expert_counts={"blk.1.ffn_up_exps.weight": [300, 0]})  # a MoE entry, one expert unused
     return _legacy_bytes(im) if dat else _gguf_bytes(im)
 
 

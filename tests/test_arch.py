@@ -1,7 +1,8 @@
 """Architecture adapters (mixquant.arch): the registry, and Gemma 3, Phi-3 and Qwen3-MoE end to end
 on small random-weight models built here (SmolLM2's tokenizer), with llama.cpp as the referee: its
-llama-quantize --dry-run chooses the same types, llama-imatrix collects the same importance (not
-yet for MoE), llama-perplexity loads our GGUF and agrees with mixquant eval."""
+llama-quantize --dry-run chooses the same types, llama-imatrix collects the same importance (per
+expert for MoE, whose imatrix llama-quantize then uses as mixquant does), llama-perplexity loads our
+GGUF and agrees with mixquant eval."""
 
 import math
 import re
@@ -198,7 +199,14 @@ def test_analyze_measures_and_fits(family):
     name, folder, src, _, text = family
     first = "blk.0.attn_qkv.weight" if name == "phi3" else "blk.0.attn_q.weight"
     last = "blk.1.ffn_up_exps.weight" if name == "qwen3moe" else "blk.1.ffn_down.weight"
-    sens = analyze(src, None, text=text, n_windows=1, ctx=64, tensors=[first, last],
+    imatrix = None
+    if name == "qwen3moe":  # with its per-expert imatrix: each expert weighed by its own slice
+        from mixquant.calibrate import compute_imatrix
+        from mixquant.text import read_text
+
+        imatrix = compute_imatrix(folder, read_text(text), ctx=64, chunks=1, progress=False)
+        assert imatrix.importance(last).size == 4 * 256
+    sens = analyze(src, imatrix, text=text, n_windows=1, ctx=64, tensors=[first, last],
                    types=["Q4_0", "Q5_1", "Q8_0"], validate=[], fisher=True, progress=False, threads=1)
     for tname in (first, last):
         costs = sens[tname].types
@@ -221,17 +229,23 @@ def test_imatrix_agrees_with_llama_imatrix(family, tmp_path):
     from mixquant.text import read_text
 
     name, folder, src, f32, text = family
-    if name == "qwen3moe":
-        with pytest.raises(MixquantError, match=r"mixture-of-experts\) models is not supported yet"):
-            calibrate(folder, read_text(text), ctx=CTX, chunks=CHUNKS, progress=False)
-        return
+    # MoE: 3 windows of 172 tokens, so that llama-imatrix's plain products skip a 6-token micro-batch
+    # (2 tokens of each window) but its experts' MUL_MAT_ID does not
+    ctx, chunks = (172, 3) if name == "qwen3moe" else (CTX, CHUNKS)
     theirs_path = tmp_path / "theirs.gguf"
-    _run([llama_tool("llama-imatrix"), "-m", f32, "-f", text, "-c", CTX, "--chunks", CHUNKS, "-o", theirs_path,
+    _run([llama_tool("llama-imatrix"), "-m", f32, "-f", text, "-c", ctx, "--chunks", chunks, "-o", theirs_path,
           "-t", 2, "--no-ppl"])
     theirs = read_imatrix(theirs_path)
-    cal = calibrate(folder, read_text(text), ctx=CTX, chunks=CHUNKS, progress=False, dataset=str(text))
+    cal = calibrate(folder, read_text(text), ctx=ctx, chunks=chunks, progress=False, dataset=str(text))
     ours = cal.imatrix
     assert ours.names == theirs.names and ours.counts == theirs.counts
+    assert {n: c.tolist() for n, c in ours.expert_counts.items()} == \
+        {n: c.tolist() for n, c in theirs.expert_counts.items()}
+    if name == "qwen3moe":
+        assert sorted(ours.expert_counts) == [f"blk.{i}.ffn_{k}_exps.weight" for i in (0, 1)
+                                              for k in ("down", "gate", "up")]
+        assert ours.counts["blk.0.ffn_gate_inp.weight"] == chunks * (ctx - 2)
+        assert ours.expert_counts["blk.0.ffn_up_exps.weight"].sum() == chunks * ctx * 2  # 2 experts per token
     rel = np.concatenate([np.abs(ours.importance(n).astype(np.float64) - theirs.importance(n))
                           / np.maximum(theirs.importance(n).astype(np.float64), 1e-30) for n in theirs.names])
     print(f"\n{name}: imatrix vs llama-imatrix, {rel.size} columns: median {np.median(rel):.2e}, "
@@ -242,6 +256,35 @@ def test_imatrix_agrees_with_llama_imatrix(family, tmp_path):
     last = src.model.n_layer - 1
     assert {"blk.0.attn_in", "blk.0.ffn_in", "blk.0.ffn_down_in", f"blk.{last}.residual", "output_in"} \
         <= set(cal.activations.stats)
+    if name == "qwen3moe":
+        _check_moe_imatrix_files(src, f32, theirs, theirs_path, ctx, tmp_path)
+
+
+def _check_moe_imatrix_files(src, f32: Path, theirs, theirs_path: Path, ctx: int, tmp_path: Path) -> None:
+    """llama-imatrix's MoE file rewritten byte for byte (GGUF, and its own conversion to .dat), and
+    `mixquant quantize --imatrix` writes the bytes llama-quantize writes with it (each expert
+    quantized with its own slice of the imatrix)."""
+    from gguf import GGUFReader
+
+    from mixquant.calibrate import write_imatrix
+    from mixquant.cli import main
+    from mixquant.reference import llama_tool
+
+    assert write_imatrix(theirs, tmp_path / "back.gguf").read_bytes() == theirs_path.read_bytes()
+    their_dat = tmp_path / "theirs.dat"
+    _run([llama_tool("llama-imatrix"), "-m", f32, "--in-file", theirs_path, "-c", ctx, "--output-format", "dat",
+          "-o", their_dat])
+    assert write_imatrix(theirs, tmp_path / "ours.dat").read_bytes() == their_dat.read_bytes()
+
+    def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+        return {t.name: (t.tensor_type.name, bytes(np.asarray(t.data).view(np.uint8))) for t in GGUFReader(path).tensors}
+
+    ours, llamas = tmp_path / "ours.gguf", tmp_path / "llamas.gguf"
+    assert main(["quantize", str(f32), str(ours), "Q4_K_M", "--imatrix", str(theirs_path), "--threads", "2"]) == 0
+    _run([llama_tool("llama-quantize"), "--imatrix", theirs_path, f32, llamas, "Q4_K_M", 2])
+    a, b = tensors(ours), tensors(llamas)
+    assert a.keys() == b.keys() and {a[n][0] for n in a if "_exps" in n} == {"Q4_K", "Q6_K"}
+    assert [n for n in a if a[n] != b[n]] == []
 
 
 @pytest.mark.parametrize("imatrix", [False, True])

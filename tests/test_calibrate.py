@@ -163,6 +163,86 @@ def test_legacy_without_trailer_and_zero_ncall(tmp_path):
     assert (im.chunks, im.datasets) == (0, [])
 
 
+def _moe_imatrix() -> Imatrix:
+    """A dense entry and a 3-expert stack whose second expert got no token."""
+    rng = np.random.default_rng(3)
+    sums = {"blk.0.ffn_gate_inp.weight": (np.exp(rng.normal(0, 2, 64)) * 600).astype(np.float32),
+            "blk.0.ffn_down_exps.weight": (np.exp(rng.normal(0, 2, 3 * 64)) * 300).astype(np.float32)}
+    sums["blk.0.ffn_down_exps.weight"][64:128] = 0
+    return Imatrix(sums=sums, counts={n: 600 for n in sums}, chunks=1, datasets=["calib.txt"], chunk_size=512,
+                   expert_counts={"blk.0.ffn_down_exps.weight": [700, 0, 500]})
+
+
+def test_moe_entries_per_expert(tmp_path):
+    """llama-imatrix's MUL_MAT_ID layout: in_sum2 [n_cols, n_expert] and counts [1, n_expert];
+    importance per expert (ones for an expert without tokens), as llama-quantize slices it."""
+    import gguf
+
+    im = _moe_imatrix()
+    name = "blk.0.ffn_down_exps.weight"
+    assert im.counts[name] == 700  # the largest expert count
+    per_expert = im.sums[name].reshape(3, 64)
+    expected = np.concatenate([per_expert[0] / np.float32(700), np.ones(64, np.float32), per_expert[2] / np.float32(500)])
+    assert im.importance(name).tobytes() == expected.tobytes()
+
+    path = write_imatrix(im, tmp_path / "x.gguf")
+    shapes = {t.name: t.shape.tolist() for t in gguf.GGUFReader(path).tensors}
+    assert shapes[f"{name}.in_sum2"] == [64, 3] and shapes[f"{name}.counts"] == [1, 3]
+    assert shapes["blk.0.ffn_gate_inp.weight.counts"] == [1]
+    back = read_imatrix(path)
+    assert back.expert_counts[name].tolist() == [700, 0, 500] and list(back.expert_counts) == [name]
+    assert back.sums[name].tobytes() == im.sums[name].tobytes() and back.counts == im.counts
+    assert write_imatrix(back, tmp_path / "y.gguf").read_bytes() == path.read_bytes()
+
+    # legacy: one ncall from the largest count, each expert's slice scaled by its own count, 1 * ncall without tokens
+    entries, _, _ = _parse_dat(write_imatrix(im, tmp_path / "x.dat"))
+    ncall, values = entries[name]
+    assert ncall == 2
+    per_expert = np.where(np.arange(3)[:, None] == 1, np.float32(1), im.sums[name].reshape(3, 64))
+    counts = np.array([700, 1, 500], np.float32)[:, None]
+    assert values.tobytes() == ((per_expert / counts) * np.float32(2)).astype(np.float32).reshape(-1).tobytes()
+    legacy = read_imatrix(tmp_path / "x.dat")
+    np.testing.assert_allclose(legacy.importance(name), im.importance(name), rtol=3e-7)
+
+    # for the model it was collected on: one slice per expert of the stacked tensor
+    from types import SimpleNamespace
+
+    from mixquant.calibrate import check_imatrix
+    from mixquant.plan import TensorInfo
+
+    def model(down_shape):
+        return SimpleNamespace(tensors=[TensorInfo("blk.0.ffn_gate_inp.weight", (3, 64)),
+                                        TensorInfo(name, down_shape)])
+
+    check_imatrix(im, model((3, 32, 64)))
+    with pytest.raises(MixquantError, match="has 192 values, the tensor has 256 columns"):
+        check_imatrix(im, model((4, 32, 64)))
+    with pytest.raises(MixquantError, match="counts for 3 experts, the tensor has 6"):
+        check_imatrix(im, model((6, 32, 32)))
+
+
+def test_per_expert_importance_quantizes_each_expert_with_its_slice():
+    """formats.quantize with n importance vectors: each matrix of the stack with its own, threaded
+    or not, exactly as one call per matrix; predicted_error weighs each expert's rows alike."""
+    from mixquant import formats
+    from mixquant.analyze import predicted_error
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (3 * 100, 256)).astype(np.float32)
+    imp = np.exp(rng.normal(0, 2, 3 * 256)).astype(np.float32)
+    one_by_one = b"".join(formats.quantize(x[100 * e:100 * (e + 1)], "Q4_K", imp[256 * e:256 * (e + 1)])
+                          for e in range(3))
+    assert formats.quantize(x, "Q4_K", imp) == formats.quantize(x, "Q4_K", imp, threads=3) == one_by_one
+    assert formats.quantize(x, "Q4_K", np.tile(imp[:256], 3)) != one_by_one  # the slices matter
+    for bad in (np.ones(7 * 256, np.float32), imp[:300]):  # 7 matrices do not split 300 rows; nor 300 columns
+        with pytest.raises(ValueError, match="stack of n matrices"):
+            formats.quantize(x, "Q4_K", bad)
+    q = formats.dequantize(one_by_one, "Q4_K", x.shape)
+    err = [np.sum(imp[256 * e:256 * (e + 1)] * (q - x)[100 * e:100 * (e + 1)] ** 2) for e in range(3)]
+    ref = [np.sum(imp[256 * e:256 * (e + 1)] * x[100 * e:100 * (e + 1)] ** 2) for e in range(3)]
+    assert predicted_error(x, q, imp) == pytest.approx(sum(err) / sum(ref), rel=1e-6)
+
+
 def test_importance_semantics():
     im = Imatrix(sums={"a": np.array([1.0, 2.0, 0.0], np.float32), "b": np.array([5.0, 7.0], np.float32)},
                  counts={"a": 3, "b": 0}, chunks=0)

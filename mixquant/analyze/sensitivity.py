@@ -461,13 +461,15 @@ def candidate_types(shape: tuple[int, ...], types: Iterable[str] | None = None) 
 
 
 def predicted_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray | None) -> float:
-    """sum_ij imp_j (w_ij - q_ij)^2 / sum_ij imp_j w_ij^2 (imp all ones when None), in float64."""
-    w64 = w.astype(np.float64, copy=False)
-    diff = (q.astype(np.float64, copy=False) - w64)
-    err = np.einsum("ij,ij->j", diff, diff)
-    ref = np.einsum("ij,ij->j", w64, w64)
+    """sum_ij imp_j (w_ij - q_ij)^2 / sum_ij imp_j w_ij^2 (imp all ones when None), in float64;
+    an importance of n vectors (a stack of n experts) weighs each expert's rows with its own."""
+    groups = 1 if importance is None else max(1, np.size(importance) // w.shape[-1])
+    w64 = w.astype(np.float64, copy=False).reshape(groups, -1, w.shape[-1])
+    diff = (q.astype(np.float64, copy=False).reshape(w64.shape) - w64)
+    err = np.einsum("gij,gij->gj", diff, diff).reshape(-1)
+    ref = np.einsum("gij,gij->gj", w64, w64).reshape(-1)
     if importance is not None:
-        imp = np.asarray(importance, dtype=np.float64)
+        imp = np.asarray(importance, dtype=np.float64).reshape(-1)
         err, ref = err @ imp, ref @ imp
     else:
         err, ref = err.sum(), ref.sum()

@@ -10,7 +10,9 @@ and the config's model_type; GGUF sources find it by general.architecture. Every
   of `to_gguf`), `derived` (GGUF tensors with no parameter), `block_kwargs` (what one decoder
   layer call needs);
 * calibrate: `linear_modules` (nn.Linear -> GGUF weight), `input_groups` (which weights share an
-  input), `norm_feeds` (which norm or linear feeds which linears, for smoothing transforms).
+  input), `norm_feeds` (which norm or linear feeds which linears, for smoothing transforms); for
+  mixture-of-experts layers `expert_modules`, `routed_tokens` and `expert_hidden` (what each
+  expert's matrices multiply: llama-imatrix's per-expert sums).
 """
 
 from __future__ import annotations
@@ -77,9 +79,6 @@ class Adapter:
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     permutes_qk: ClassVar[bool] = False  # convert_hf_to_gguf permutes q/k rows (llama rope)
     norm_shift: ClassVar[float] = 0.0  # added to every *norm.weight on export (Gemma's 1 + w)
-    # calibrate collects every weight llama-imatrix does (not yet for mixture-of-experts layers,
-    # whose experts are no nn.Linear in transformers)
-    calibrates: ClassVar[bool] = True
     block_tensors: ClassVar[tuple[str, ...]] = _LLAMA_BLOCK  # required in every block
     derived: ClassVar[frozenset[str]] = frozenset()  # GGUF tensors computed from config.json
     input_groups: ClassVar[dict[str, str]] = INPUT_GROUPS
@@ -240,6 +239,22 @@ class Adapter:
                 if name is not None:
                     out[module_name] = name
         return out
+
+    def expert_modules(self, model: torch.nn.Module, n_layer: int) -> dict[str, int]:
+        """Mixture-of-experts layers: the name of the module whose call receives the tokens and the
+        experts they are routed to -> its block index (its stacks are blk.N.ffn_{gate,up,down}_exps).
+        None in a dense family."""
+        return {}
+
+    def routed_tokens(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A call of an `expert_modules` module -> (its tokens (n, n_embd), the indices (n, n_used)
+        of the experts each one is routed to)."""
+        raise NotImplementedError(f"{self.name} has no mixture-of-experts layers")
+
+    def expert_hidden(self, module: torch.nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """The input of expert `expert`'s down projection for its tokens `x` (n, n_embd)."""
+        raise NotImplementedError(f"{self.name} has no mixture-of-experts layers")
 
     def norms_before(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         """Activation key ("blk.3.attn_in") -> the norm module of `input_norms` producing it."""

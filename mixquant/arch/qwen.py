@@ -6,6 +6,7 @@ ffn_gate_inp."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import gguf
@@ -47,7 +48,6 @@ class Qwen3Moe(Adapter):
                      "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
     norm_feeds = {"attn_norm": ("attn_q", "attn_k", "attn_v"), "attn_v": ("attn_output",),
                   "ffn_norm": ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"), "ffn_up_exps": ("ffn_down_exps",)}
-    calibrates = False
     input_norms = {"attn_in": "input_layernorm"}  # ffn_norm also feeds the experts, which are no nn.Linear
 
     def add_hparams(self, w: GGUFWriter, hp: dict[str, Any], src: HFSource) -> None:
@@ -69,3 +69,37 @@ class Qwen3Moe(Adapter):
         if hf_name.endswith("mlp.experts.down_proj"):
             return [(f"{hf_name}.weight", p)]
         return [(hf_name, p)]
+
+    def linear_modules(self, model: torch.nn.Module, n_layer: int) -> dict[str, str]:
+        """The nn.Linear layers, and each MoE layer's router (`mlp.gate`, a module of its own that
+        multiplies its input by ffn_gate_inp: a plain matrix product for llama-imatrix too)."""
+        tmap = self.tensor_map(n_layer)
+        out = super().linear_modules(model, n_layer)
+        for module_name, _ in model.named_modules():
+            if module_name.endswith(".mlp.gate") and module_name not in out:
+                name = self.gguf_name(module_name + ".weight", tmap)
+                if name is not None:
+                    out[module_name] = name
+        return out
+
+    def expert_modules(self, model: torch.nn.Module, n_layer: int) -> dict[str, int]:
+        """Qwen3MoeExperts (`mlp.experts`): called with (tokens, top-k expert indices, weights)."""
+        out = {}
+        for module_name, module in model.named_modules():
+            m = re.search(r"layers\.(\d+)\.mlp\.experts$", module_name)
+            if m and hasattr(module, "gate_up_proj"):
+                out[module_name] = int(m.group(1))
+        return out
+
+    def routed_tokens(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        names = ("hidden_states", "top_k_index")
+        x, top_k = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+        return x.reshape(-1, x.shape[-1]), top_k.reshape(-1, top_k.shape[-1])
+
+    def expert_hidden(self, module: torch.nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """act(x gate^T) * (x up^T), as Qwen3MoeExperts computes it (gate and up fused in gate_up_proj)."""
+        import torch.nn.functional as F
+
+        gate, up = F.linear(x, module.gate_up_proj[expert]).chunk(2, dim=-1)
+        return module.act_fn(gate) * up

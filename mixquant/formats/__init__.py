@@ -68,13 +68,16 @@ def _check_matrix(x: np.ndarray, codec: Codec) -> None:
         raise ValueError(f"weights contain {int(bad.sum())} NaN/Inf values (first at row {row}, column {col})")
 
 
-def _check_importance(importance: np.ndarray | None, cols: int) -> np.ndarray | None:
+def _check_importance(importance: np.ndarray | None, cols: int, rows: int = 1) -> np.ndarray | None:
+    """A (groups, cols) float32 array: one vector per column, or one per equal group of rows."""
     if importance is None:
         return None
     importance = np.asarray(importance)
-    if importance.ndim != 1 or importance.shape[0] != cols:
-        raise ValueError(f"importance must be a vector of length {cols} (one per column), got shape {importance.shape}")
-    importance = np.ascontiguousarray(importance, dtype=np.float32)
+    groups = importance.size // cols if cols else 0
+    if importance.ndim != 1 or groups < 1 or importance.size != groups * cols or rows % groups:
+        raise ValueError(f"importance must be a vector of length {cols} (one per column), or of n * {cols} for a "
+                         f"stack of n matrices splitting the {rows} rows, got shape {importance.shape}")
+    importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(groups, cols)
     if not np.isfinite(importance).all() or (importance < 0).any():
         raise ValueError("importance must be finite and non-negative")
     return importance
@@ -83,22 +86,30 @@ def _check_importance(importance: np.ndarray | None, cols: int) -> np.ndarray | 
 def quantize(x: np.ndarray, type_name: str, importance: np.ndarray | None = None, threads: int = 1) -> bytes:
     """Quantize a (rows, cols) float32 matrix to the exact bytes ggml stores for it.
 
-    `importance` is the per-column importance-matrix vector (ggml's `quant_weights`).
+    `importance` is the per-column importance-matrix vector (ggml's `quant_weights`), or for a
+    stack of n matrices (a mixture-of-experts' experts, rows matrix after matrix) n such vectors
+    one after the other, each used for its matrix's rows, as llama-quantize slices its imatrix.
     """
     codec = get(type_name)
     _check_matrix(x, codec)
-    importance = _check_importance(importance, x.shape[1]) if codec.uses_importance else None
     x = np.ascontiguousarray(x)
     rows = x.shape[0]
+    groups = _check_importance(importance, x.shape[1], rows) if codec.uses_importance else None
+    group_rows = max(1, rows // len(groups) if groups is not None else rows)
     if threads <= 1 or rows <= _CHUNK_ROWS:
-        return codec.quantize_rows(x, importance).tobytes()
+        if groups is None or len(groups) == 1:
+            return codec.quantize_rows(x, None if groups is None else groups[0]).tobytes()
     out = np.empty((rows, codec.row_bytes(x.shape[1])), dtype=np.uint8)
 
     def work(start: int) -> None:
-        out[start : start + _CHUNK_ROWS] = codec.quantize_rows(x[start : start + _CHUNK_ROWS], importance)
+        # chunks never cross a matrix boundary: each has one importance vector
+        stop = min(start + _CHUNK_ROWS, (start // group_rows + 1) * group_rows)
+        imp = None if groups is None else groups[start // group_rows]
+        out[start:stop] = codec.quantize_rows(x[start:stop], imp)
 
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(work, range(0, rows, _CHUNK_ROWS)))
+    starts = [s for g in range(0, rows, group_rows) for s in range(g, min(g + group_rows, rows), _CHUNK_ROWS)]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(work, starts))
     return out.tobytes()
 
 
