@@ -98,3 +98,19 @@ def tiny_model_and_text(root, n_words: int, seed: int):
     text = root / "calib.txt"
     text.write_text(random_text(n_words, seed))
     return model, text
+
+
+def assert_same_function(model_cls, config, state: dict, moved: dict) -> None:
+    """A function-preserving transform: the model built from `moved` gives the logits of the one
+    built from `state` (HF state dicts without the tied lm_head) on 40 tokens."""
+    import torch
+
+    def logits(sd):
+        m = model_cls(config).eval()
+        m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+        m.tie_weights()
+        with torch.no_grad():
+            return m(torch.arange(40).remainder(config.vocab_size)[None]).logits.double()
+
+    a, b = logits(state), logits(moved)
+    assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()

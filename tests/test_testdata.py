@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_same_function
+
 from mixquant import testdata
 
 
@@ -54,15 +56,7 @@ def test_degrid_preserves_a_tiny_gqa_model():
     v = "model.layers.0.self_attn.v_proj.weight"
     assert not np.allclose(moved[v], state[v])
 
-    def logits(sd):
-        m = LlamaForCausalLM(config).eval()
-        m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
-        m.tie_weights()
-        with torch.no_grad():
-            return m(torch.arange(40).remainder(config.vocab_size)[None]).logits.double()
-
-    a, b = logits(state), logits(moved)
-    assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
+    assert_same_function(LlamaForCausalLM, config, state, moved)
     # the same seed gives the same transform
     again = testdata.degrid(state, config, seed=0)
     assert all(np.array_equal(again[k], moved[k]) for k in moved)

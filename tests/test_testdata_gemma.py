@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_same_function
+
 from mixquant import formats
 from mixquant.testdata import build_gemma_model, build_test_text, degrid, gemma3
 from mixquant.testdata.fixture import HEAD_NORMS, hf_name
@@ -48,15 +50,7 @@ def test_degrid_preserves_a_tiny_gemma3():
         assert not np.array_equal(moved[name], state[name])
         assert np.array_equal(np.sort(moved[name]), np.sort(state[name]))  # permuted
 
-    def logits(sd):
-        m = Gemma3ForCausalLM(config).eval()
-        m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
-        m.tie_weights()
-        with torch.no_grad():
-            return m(torch.arange(40).remainder(config.vocab_size)[None]).logits.double()
-
-    a, b = logits(state), logits(moved)
-    assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
+    assert_same_function(Gemma3ForCausalLM, config, state, moved)
 
 
 # --- slow: the real model (270M parameters, 1.07 GB in float32) -----------------------------------
