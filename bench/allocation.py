@@ -1,6 +1,6 @@
 """mixquant's allocation against llama.cpp's presets, at exactly the presets' sizes.
 
-On the test model (SmolLM2-135M):
+On a bundled test model (`--model`: smollm2, SmolLM2-135M, the default; or gemma3, Gemma 3 270M):
 
 1. `mixquant analyze` (calibrate -> sensitivity, defaults: 64 calibration windows of 512 tokens,
    damage measured on windows held out from the end of the calibration text, Fisher basis) writes
@@ -19,7 +19,7 @@ On the test model (SmolLM2-135M):
 Prints a table (size, bpw, PPL, mean/p99 KLD, top-1, and mixquant's KLD relative to the preset
 with imatrix), writes results.json, the chosen plans, and kld_vs_bpw.png into `--out`.
 
-Run: .venv/bin/python bench/allocation.py [--out bench-out] [--analysis DIR] [--threads 2] [--referee]
+Run: .venv/bin/python bench/allocation.py [--model gemma3] [--out bench-out] [--analysis DIR] [--threads 2] [--referee]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Referee:
 # ------------------------------------------------------------------------------------------------
 
 
-def plot(rows: list[dict], out: Path, with_referee: bool) -> Path:
+def plot(rows: list[dict], out: Path, with_referee: bool, model_name: str) -> Path:
     """Mean KLD (log) against bits per weight: one line per method, presets labelled."""
     import matplotlib
 
@@ -149,7 +149,7 @@ def plot(rows: list[dict], out: Path, with_referee: bool) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (tensor data)")
     ax.set_ylabel("mean KL divergence vs float32")
-    ax.set_title("SmolLM2-135M: mixquant allocation vs llama.cpp presets", fontsize=10)
+    ax.set_title(f"{model_name}: mixquant allocation vs llama.cpp presets", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -159,9 +159,13 @@ def plot(rows: list[dict], out: Path, with_referee: bool) -> Path:
 
 
 def main() -> int:
+    from mixquant.testdata import TEST_MODELS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=tuple(TEST_MODELS), default="smollm2", help="the bundled test model")
     p.add_argument("--out", type=Path, default=None, help="folder for the cached imatrix, sensitivity, "
-                   "plans, results and plot (default: <mixquant cache>/bench/allocation)")
+                   "plans, results and plot (default: <mixquant cache>/bench/allocation, "
+                   "allocation-<model> for another model than smollm2)")
     p.add_argument("--presets", default=",".join(PRESETS))
     p.add_argument("--analysis", type=Path, help="a `mixquant analyze` output folder (default: <out>/analysis, "
                    "analysed there first if missing)")
@@ -175,7 +179,7 @@ def main() -> int:
     if args.out is None:
         from mixquant.cache import cache_dir
 
-        args.out = cache_dir() / "bench" / "allocation"
+        args.out = cache_dir() / "bench" / ("allocation" if args.model == "smollm2" else f"allocation-{args.model}")
     args.out.mkdir(parents=True, exist_ok=True)
     args.analysis = args.analysis or args.out / "analysis"
 
@@ -188,9 +192,10 @@ def main() -> int:
     from mixquant.evaluate import Evaluator, format_table
     from mixquant.plan import preset_plan
     from mixquant.source import open_source
-    from mixquant.testdata import build_test_model, build_test_text
+    from mixquant.testdata import build_test_text
 
-    folder = build_test_model()
+    bundled = TEST_MODELS[args.model]
+    folder = bundled.build()
     calib, eval_text = build_test_text()
     source = open_source(folder)
     info = source.model
@@ -263,7 +268,7 @@ def main() -> int:
                 kb = b[key]["kld_mean"] if key else b["kld_mean"]
                 line += f" {kb:12.5f} {100 * (kb / ka - 1):+7.1f}%"
             print(line)
-    png = plot(rows, args.out / "kld_vs_bpw.png", referee is not None)
+    png = plot(rows, args.out / "kld_vs_bpw.png", referee is not None, bundled.folder_name)
     log(f"plot: {png}; results: {args.out / 'results.json'}")
     return 0
 
