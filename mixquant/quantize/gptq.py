@@ -167,7 +167,10 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
     if shape != (cols, cols):
         raise MixquantError(f"Hessian of shape {shape} does not fit a tensor with {cols} columns")
     used = codec.uses_importance and importance is not None
-    imp = formats._check_importance(importance, cols) if used else None
+    imp = formats._check_importance(importance, cols, rows) if used else None
+    if imp is not None and imp.shape[0] != 1:  # one H serves one matrix, not a stack of experts
+        raise MixquantError(f"GPTQ takes one importance vector per matrix; got {imp.shape[0]} (a stack of experts)")
+    imp = None if imp is None else imp[0]
     fr = codec.frozen(used)
     context = fr.row_context(w) if used and fr.row_context is not None else None
     fac = factor(H, damp, act_order) if prepared is None else prepared
