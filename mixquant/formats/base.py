@@ -4,7 +4,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # (rows, cols) float32, importance (cols,) float32 or None -> (rows, row_bytes) uint8
 QuantizeRows = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
@@ -14,15 +14,14 @@ DequantizeRows = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Codec:
-    """A GGUF tensor type: its block geometry and its row quantizer/dequantizer.
+    """A GGUF tensor type: its row quantizer/dequantizer; its block geometry is gguf's
+    (GGML_QUANT_SIZES, the one source of type names and sizes).
 
     `uses_importance` says whether ggml reads `quant_weights` for this type at all
     (Q8_0 and the float types ignore it).
     """
 
     name: str
-    block_size: int
-    type_size: int
     quantize_rows: QuantizeRows
     dequantize_rows: DequantizeRows
     uses_importance: bool = True
@@ -32,6 +31,16 @@ class Codec:
     @property
     def ggml_type(self) -> GGMLQuantizationType:
         return GGMLQuantizationType[self.name]
+
+    @property
+    def block_size(self) -> int:
+        """Weights per block."""
+        return GGML_QUANT_SIZES[self.ggml_type][0]
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block."""
+        return GGML_QUANT_SIZES[self.ggml_type][1]
 
     @property
     def bits_per_weight(self) -> float:

@@ -100,6 +100,6 @@ def _dequantize_bf16(data: np.ndarray) -> np.ndarray:
     return out
 
 
-F32_CODEC = register(Codec("F32", 1, 4, _quantize_f32, _dequantize_f32, uses_importance=False))
-F16_CODEC = register(Codec("F16", 1, 2, _quantize_f16, _dequantize_f16, uses_importance=False))
-BF16_CODEC = register(Codec("BF16", 1, 2, _quantize_bf16, _dequantize_bf16, uses_importance=False))
+F32_CODEC = register(Codec("F32", _quantize_f32, _dequantize_f32, uses_importance=False))
+F16_CODEC = register(Codec("F16", _quantize_f16, _dequantize_f16, uses_importance=False))
+BF16_CODEC = register(Codec("BF16", _quantize_bf16, _dequantize_bf16, uses_importance=False))

@@ -254,7 +254,7 @@ def _make_codec(name: str, sbs: int) -> Codec:
         return out
 
     frozen = _frozen_rounding(sbs, type_size)
-    return register(Codec(name, sbs, type_size, quantize_rows, dequantize_rows, frozen=lambda _importance: frozen))
+    return register(Codec(name, quantize_rows, dequantize_rows, frozen=lambda _importance: frozen))
 
 
 IQ4_NL = _make_codec("IQ4_NL", QK4_NL)

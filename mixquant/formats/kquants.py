@@ -754,7 +754,7 @@ def _codec(name: str, type_size: int, quantize_kernel, dequantize_kernel) -> Cod
         return y
 
     frozen = _frozen_rounding(name, quantize_rows, dequantize_rows)
-    return register(Codec(name, QK_K, type_size, quantize_rows, dequantize_rows, frozen=lambda _importance: frozen))
+    return register(Codec(name, quantize_rows, dequantize_rows, frozen=lambda _importance: frozen))
 
 
 Q2_K = _codec("Q2_K", Q2K_SIZE, _quantize_q2_k, _dequantize_q2_k)

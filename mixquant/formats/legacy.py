@@ -344,7 +344,7 @@ def _codec(name: str, bits: int, has_min: bool) -> Codec:
 
     quantize_rows.__qualname__ = f"quantize_rows[{name}]"
     dequantize_rows.__qualname__ = f"dequantize_rows[{name}]"
-    return register(Codec(name, QK, type_size, quantize_rows, dequantize_rows, uses_importance=uses_importance,
+    return register(Codec(name, quantize_rows, dequantize_rows, uses_importance=uses_importance,
                           frozen=frozen_rounding))
 
 
