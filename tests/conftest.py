@@ -114,3 +114,17 @@ def assert_same_function(model_cls, config, state: dict, moved: dict) -> None:
 
     a, b = logits(state), logits(moved)
     assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
+
+
+def assert_same_predictions(plain, moved, ids) -> None:
+    """Two real models that must compute the same function: mean KL < 1e-8 between their next-token
+    distributions on `ids` (1, n), and the first one predicts that text well (perplexity < 40)."""
+    import torch
+
+    with torch.no_grad():
+        p = plain(ids).logits.double().log_softmax(-1)[0]
+        q = moved(ids).logits.double().log_softmax(-1)[0]
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert kl.mean().item() < 1e-8, kl.mean().item()
+    nll = -p[:-1].gather(-1, ids[0, 1:, None]).mean().item()
+    assert np.exp(nll) < 40, np.exp(nll)
