@@ -128,3 +128,12 @@ def assert_same_predictions(plain, moved, ids) -> None:
     assert kl.mean().item() < 1e-8, kl.mean().item()
     nll = -p[:-1].gather(-1, ids[0, 1:, None]).mean().item()
     assert np.exp(nll) < 40, np.exp(nll)
+
+
+def gguf_file_bytes(w, path) -> bytes:
+    """Write the GGUFWriter `w` (opened on `path`) out whole and return the file's bytes."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()

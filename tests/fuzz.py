@@ -40,6 +40,7 @@ _BOUNDARY = [0, 1, 2, 3, 7, 8, 255, 256, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**
 def _seed_gguf(folder: Path) -> bytes:
     import gguf
     import numpy as np
+    from conftest import gguf_file_bytes
 
     path = folder / "seed.gguf"
     w = gguf.GGUFWriter(path, "llama")
@@ -50,11 +51,7 @@ def _seed_gguf(folder: Path) -> bytes:
     w.add_array("llama.some_ints", [1, 2, 3])
     w.add_tensor("token_embd.weight", np.ones((3, 32), dtype=np.float32))
     w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), dtype=np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path.read_bytes()
+    return gguf_file_bytes(w, path)
 
 
 def _seed_safetensors(folder: Path) -> bytes:

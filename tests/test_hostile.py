@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import make_tiny_llama, random_text
+from conftest import gguf_file_bytes, make_tiny_llama, random_text
 
 ROOT = Path(__file__).resolve().parents[1]
 # peak RSS of one `mixquant` process on a hostile input: the readers and their imports take about
@@ -210,11 +210,7 @@ def small_gguf(path: Path, *, array_key: str = "hostile.array") -> bytes:
     w.add_array(array_key, [1, 2, 3])
     w.add_string("hostile.string", "abc")
     w.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path.read_bytes()
+    return gguf_file_bytes(w, path)
 
 
 def gguf_variants(valid: bytes, small: bytes) -> dict[str, bytes]:
@@ -248,11 +244,7 @@ def bad_alignment_gguf(path: Path) -> bytes:
     w = gguf.GGUFWriter(path, "llama")
     w.add_uint32("general.alignment", 3)
     w.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path.read_bytes()
+    return gguf_file_bytes(w, path)
 
 
 def _deep_json(depth: int = 100_000) -> bytes:
