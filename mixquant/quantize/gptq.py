@@ -221,7 +221,7 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
         if i2 < cols:
             with _torch_threads(1):
                 delta = (torch.from_numpy(err) @ torch.from_numpy(u[i1:i2, i2:])).numpy()
-            np.subtract(work[:, i2:], delta, out=work[:, i2:], where=delta != 0)
+            work[:, i2:] -= delta
     if fac.order is not None:
         for b, c0 in enumerate(range(0, cols, bsize)):
             nb = b * codec.type_size
