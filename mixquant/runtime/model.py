@@ -1,0 +1,284 @@
+"""A transformers causal LM whose weights stay in their files until a forward pass needs them.
+
+The model's skeleton is built on the meta device (no weight memory); its computed buffers (rotary
+frequencies, Gemma's embedding scale) are made for real. The weights are read per unit (the token
+embedding, one decoder block, the final norm and output head) from the `Source` (safetensors shards
+or a GGUF, both memory-mapped with pages released after each read), through the architecture
+adapter's conversion back to transformers' layout, upcast to the compute dtype, and dropped back to
+meta when the unit is done, unless the whole model fits the memory budget, in which case every unit
+stays resident after its first load. Another weight provider (`weights`: GGUF name -> values in
+GGUF orientation, e.g. a quantized file's dequantized tensors) runs a quantized model the same way.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from ..errors import MixquantError
+from .memory import budget_from, format_size
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..source import Source
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda", "mps", "auto")
+# the forward pass's own working memory on top of the weights, as a multiple of one unit's bytes
+# (activations of a chunk of windows, attention scores, the upcast copy of a bf16 tensor)
+_WORKING_FACTOR = 1.0
+
+
+def resolve_device(name: str | None = "cpu") -> torch.device:
+    """--device: cpu, cuda, mps or auto (the first accelerator torch finds, else the CPU)."""
+    import torch
+
+    name = (name or "cpu").lower()
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise MixquantError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MixquantError("--device cuda: torch sees no CUDA device (this torch build: "
+                            f"{torch.__version__}); use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise MixquantError("--device mps: torch sees no Apple GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None) -> torch.dtype:
+    import torch
+
+    name = name or "float32"
+    if name not in DTYPES:
+        raise MixquantError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+class StreamedModel:
+    """`src`'s model, run one unit at a time.
+
+    device / dtype: where and in which precision the forward passes run (float32 is the reference);
+    max_memory: the budget in bytes (or a size string; None: what the machine has free now): the
+    weights stay resident when the whole model fits half of it, else each unit is loaded for its
+    pass and released; a budget that one unit does not fit is refused, naming the minimum.
+    weights: GGUF name -> float32 values in GGUF orientation (default: the source's own tensors).
+    """
+
+    def __init__(self, src: Source, *, device: str | torch.device | None = "cpu", dtype: str | None = "float32",
+                 max_memory: int | str | None = None, weights: Callable[[str], np.ndarray] | None = None):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from ..source import quiet_transformers
+
+        folder = getattr(src, "hf_folder", None)
+        if folder is None:
+            raise MixquantError(f"{src.path}: running the model needs its Hugging Face folder (config.json and "
+                                "tokenizer); a GGUF alone is not enough")
+        self.source = src
+        self.adapter = src.adapter
+        self.info = src.model
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.weights = weights or src.tensor
+        try:
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - transformers raises anything on a bad config
+            raise MixquantError(f"{folder}: transformers cannot build the model: {exc}") from None
+        self._make_buffers(model)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.layers = list(self.decoder.layers)
+        self.n_layer = len(self.layers)
+        self.head = model.get_output_embeddings()
+        self._tmap = self.adapter.tensor_map(self.info.n_layer)
+        self._loaded: set[str] = set()  # names of the units holding real weights
+
+        self.unit_bytes = {unit: self._unit_bytes(unit) for unit in self.units}
+        self.budget = budget_from(max_memory)
+        need = self.min_budget
+        if self.budget < need:
+            biggest = max(self.unit_bytes, key=self.unit_bytes.get)
+            raise MixquantError(f"--max-memory {format_size(self.budget)} is smaller than one unit of this model "
+                                f"needs ({biggest}: {format_size(self.unit_bytes[biggest])} of weights in "
+                                f"{str(self.dtype).removeprefix('torch.')} plus its working memory); the minimum is "
+                                f"{format_size(need)}")
+        self.resident = sum(self.unit_bytes.values()) <= self.budget // 2
+
+    # -- units --------------------------------------------------------------------------------
+
+    @property
+    def units(self) -> list[str]:
+        """"embed", "blk.0" .. "blk.N-1", "head" (the final norm and the output projection)."""
+        return ["embed", *(f"blk.{i}" for i in range(self.n_layer)), "head"]
+
+    def modules_of(self, unit: str) -> list[torch.nn.Module]:
+        if unit == "embed":
+            return [self.decoder.embed_tokens]
+        if unit == "head":
+            return [self.decoder.norm, self.head]
+        return [self.layers[int(unit.removeprefix("blk."))]]
+
+    def _unit_bytes(self, unit: str) -> int:
+        size = self.dtype.itemsize if hasattr(self.dtype, "itemsize") else 4
+        seen = set()
+        n = 0
+        for module in self.modules_of(unit):
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel()
+        return n * size
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all weights in the compute dtype (a tied output counted once per unit using it)."""
+        return sum(self.unit_bytes.values())
+
+    @property
+    def min_budget(self) -> int:
+        """The smallest budget a pass can keep to: the largest unit and its working memory."""
+        return int(max(self.unit_bytes.values()) * (1 + _WORKING_FACTOR))
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _make_buffers(model: torch.nn.Module) -> None:
+        """Computed buffers (rotary inverse frequencies, embedding scales) are not in the checkpoint:
+        build them for real on the CPU with transformers' own initialisation of their modules."""
+        import torch
+
+        owners = {}
+        for key, buf in model.named_non_persistent_buffers():
+            module_name, _, attr = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._buffers[attr] = torch.empty_like(buf, device="cpu")
+            owners[module_name] = module
+        for module in owners.values():
+            model._init_weights(module)
+
+    def _gguf_name(self, hf_name: str) -> str:
+        name = self.adapter.gguf_name(hf_name, self._tmap)
+        if name == "output.weight" and self.info.tied_output:
+            return "token_embd.weight"
+        if name is None:
+            raise MixquantError(f"cannot map parameter {hf_name!r} to a GGUF tensor name for {self.adapter.name}")
+        return name
+
+    def _fill(self, module: torch.nn.Module, prefix: str) -> None:
+        import torch
+
+        for pname, p in list(module.named_parameters(recurse=True)):
+            owner_name, _, attr = pname.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            data = torch.empty(p.shape, dtype=torch.float32)
+            for hf_name, view in self.adapter.split_parameter(f"{prefix}{pname}", data):
+                name = self._gguf_name(hf_name)
+                x = self.adapter.from_gguf(name, np.asarray(self.weights(name), dtype=np.float32), self.info)
+                if tuple(x.shape) != tuple(view.shape):
+                    raise MixquantError(f"tensor {name}: shape {tuple(x.shape)} does not fit the model's "
+                                        f"{tuple(view.shape)}")
+                view.copy_(torch.from_numpy(np.ascontiguousarray(x)))
+            owner._parameters[attr] = torch.nn.Parameter(data.to(self.device, self.dtype), requires_grad=False)
+
+    def _prefix(self, module: torch.nn.Module) -> str:
+        for name, m in self.model.named_modules():
+            if m is module:
+                return f"{name}." if name else ""
+        raise MixquantError("module is not part of the model")
+
+    def load(self, unit: str) -> None:
+        """Give `unit`'s modules their real weights (a no-op when they have them)."""
+        if unit in self._loaded:
+            return
+        for module in self.modules_of(unit):
+            self._fill(module, self._prefix(module))
+        self._loaded.add(unit)
+
+    def release(self, unit: str, force: bool = False) -> None:
+        """Drop `unit`'s weights back to the meta device (kept when the model is resident)."""
+        import torch
+
+        if unit not in self._loaded or (self.resident and not force):
+            return
+        for module in self.modules_of(unit):
+            for pname, p in list(module.named_parameters(recurse=True)):
+                owner_name, _, attr = pname.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        self._loaded.discard(unit)
+
+    def release_all(self) -> None:
+        for unit in list(self._loaded):
+            self.release(unit, force=True)
+
+    @contextmanager
+    def loaded(self, unit: str) -> Iterator[list[torch.nn.Module]]:
+        """`unit`'s modules with their weights, released afterwards unless resident."""
+        self.load(unit)
+        try:
+            yield self.modules_of(unit)
+        finally:
+            self.release(unit)
+
+    def set_weights(self, weights: Callable[[str], np.ndarray] | None) -> None:
+        """Another weight provider (None: the source's own); loaded units are dropped."""
+        self.release_all()
+        self.weights = weights or self.source.tensor
+
+    def reload(self, names: list[str]) -> None:
+        """The provider's values for these GGUF tensors changed: drop the units holding them."""
+        from ..plan import layer_of
+
+        for name in names:
+            il = layer_of(name)
+            if il is not None:
+                self.release(f"blk.{il}", force=True)
+            elif name.startswith("token_embd"):
+                self.release("embed", force=True)
+                self.release("head", force=True)  # a tied output reads it too
+            else:
+                self.release("head", force=True)
+
+    # -- the forward pass, unit by unit --------------------------------------------------------
+
+    def block_kwargs(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> list[dict[str, Any]]:
+        """Each decoder layer's keyword arguments for hidden states shaped like `embeds`."""
+        return self.adapter.block_kwargs(self.decoder, embeds, position_ids)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        with self.loaded("embed") as (embed,):
+            return embed(ids.to(self.device))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection of hidden states `h` (the head must be loaded), float32."""
+        norm, head = self.modules_of("head")
+        return head(norm(h)).float()
+
+    def layer(self, i: int, h: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Decoder layer `i` (loaded) on `h`."""
+        out = self.layers[i](h, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def close(self) -> None:
+        self.release_all()
+
+    def __enter__(self) -> StreamedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
