@@ -7,7 +7,7 @@ import sys
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -59,7 +59,6 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def _check_at_least(args: argparse.Namespace, **minimums: int) -> None:
@@ -100,14 +99,9 @@ def _output_folder(path: str) -> Iterator[Path]:
 
 
 def _parse_size(text: str) -> int:
-    """'80MB', '76.5MiB', '1.2GB' or plain bytes."""
-    import re
+    from .runtime import parse_size
 
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)?\s*", text, re.IGNORECASE)
-    size = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()] if match else math.nan
-    if not (math.isfinite(size) and size >= 1):
-        raise MixquantError(f"--target-size: cannot read {text!r}; give bytes or a size like 80MB or 76MiB")
-    return int(size)
+    return parse_size(text, "--target-size")
 
 
 _TARGETS = {"target_bpw": "--target-bpw", "target_size": "--target-size", "max_kld": "--max-kld"}
@@ -377,6 +371,23 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Where and within how much memory the model runs (mixquant.runtime)."""
+    p.add_argument("--max-memory", metavar="SIZE", help="memory budget (e.g. 2GB, 800MiB; default: what the "
+                   "machine has free): beyond it the model runs one block at a time, hidden states spill to disk")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="precision of the forward passes (float32, the default, is the reference)")
+
+
+def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    """The runtime keywords of a stage from `_runtime_flags`' arguments."""
+    from .runtime import parse_size
+
+    budget = None if args.max_memory is None else parse_size(args.max_memory, "--max-memory")
+    return {"max_memory": budget, "device": args.device, "dtype": args.dtype}
+
+
 def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="evaluation text file (as llama-perplexity -f)")
     p.add_argument("--ctx", type=int, default=512, help="context size (llama-perplexity -c; default 512)")
@@ -388,6 +399,7 @@ def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-activations", action="store_true",
                    help="also round matmul inputs to 8 bits as llama.cpp's CPU backend does (predicts "
                         "llama-perplexity's own KLD); default: the weights' error alone")
+    _runtime_flags(p)
 
 
 def _read_imatrix_arg(path: str | None):
@@ -556,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hessians", action="store_true", help="skip hessians.safetensors (the inputs' sum x x^T "
                    "for quantize --method gptq: sum of cols^2 x 8 bytes, refused over 4 GiB)")
     p.add_argument("--threads", type=int, default=None)
+    _runtime_flags(p)
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("imatrix", help="compute an importance matrix on calibration text (llama-imatrix compatible)")
@@ -567,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-output", action="store_true", help="also collect output.weight (if not tied)")
     p.add_argument("--hessians", metavar="FILE", help="also write the inputs' Hessians (sum x x^T, float64) here "
                    "(safetensors; sum of cols^2 x 8 bytes: 808 MB for SmolLM2-135M), for quantize --method gptq")
+    _runtime_flags(p)
     p.set_defaults(func=_cmd_imatrix)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence and top-1 of a GGUF file or plan vs float32")
