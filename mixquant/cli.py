@@ -276,7 +276,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     """calibrate -> sensitivity -> report, each stage timed."""
     from . import formats
     from .analyze import DEFAULT_SWEEP_TYPES, analyze
-    from .calibrate import calibrate, write_imatrix
+    from .calibrate import ActivationStats, calibrate, read_imatrix, write_imatrix
     from .files import check_output
     from .report import write_report
     from .source import open_source
@@ -300,34 +300,40 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         for name in outputs:  # before the long work: none replaces an input or a special file
             check_output(out / name)
         start = time.perf_counter()
-        cal = calibrate(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=progress,
-                        dataset=str(text), output_importance=not args.no_output_importance,
-                        hessians=not args.no_hessians)
-        write_imatrix(cal.imatrix, out / "imatrix.gguf")
-        if cal.hessians is not None:
-            cal.hessians.save(out / "hessians.safetensors")
-        cal.activations.save(out / "activations.json")
+        saved = [out / "imatrix.gguf", out / "activations.json"] + ([] if args.no_hessians else
+                                                                    [out / "hessians.safetensors"])
+        if args.resume and all(p.is_file() for p in saved):  # written whole (atomically) by the interrupted run
+            imatrix, activations = read_imatrix(saved[0]), ActivationStats.load(saved[1])
+            print(f"resuming: calibration read back from {out}")
+        else:
+            cal = calibrate(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=progress,
+                            dataset=str(text), output_importance=not args.no_output_importance,
+                            hessians=not args.no_hessians)
+            write_imatrix(cal.imatrix, saved[0])
+            if cal.hessians is not None:
+                cal.hessians.save(out / "hessians.safetensors")
+            cal.activations.save(saved[1])
+            imatrix, activations = cal.imatrix, cal.activations
+            hess = "" if cal.hessians is None else f", hessians: {out / 'hessians.safetensors'}"
+            print(f"imatrix: {saved[0]}, activations: {saved[1]}{hess} ({imatrix.chunks} chunks of {args.ctx} tokens)")
         timings["calibration (imatrix, activations)"] = time.perf_counter() - start
-        hess = "" if cal.hessians is None else f", hessians: {out / 'hessians.safetensors'}"
-        print(f"imatrix: {out / 'imatrix.gguf'}, activations: {out / 'activations.json'}{hess} "
-              f"({cal.imatrix.chunks} chunks of {args.ctx} tokens)")
-        sens = analyze(source, cal.imatrix, text=text, types=types,
+        sens = analyze(source, imatrix, text=text, types=types,
                        n_windows=args.windows, fisher=not args.no_fisher, layer_sweep_types=sweep,
-                       threads=args.threads, progress=progress)
+                       threads=args.threads, progress=progress, ray=args.ray, state_dir=out / ".measure",
+                       resume=args.resume, **_runtime(args))
         sens.save(out / "sensitivity.json")
         st = sens.settings
         timings.update({
             "sensitivity: reference pass": st["seconds_reference"],
-            "sensitivity: quantize + predict": st["seconds_quantize"],
-            "sensitivity: measure KLD": st["seconds_measure"],
             "sensitivity: Fisher": st["seconds_fisher"],
-            "sensitivity: layer sweep": st["seconds_layer_sweep"],
+            "sensitivity: quantize, measure, sweep": st["seconds_measure"],
+            "  of which quantize + predict": st["seconds_quantize"],
         })
         print(f"sensitivity: {out / 'sensitivity.json'} ({len(sens.names)} tensors, {st['measured_pairs']} of "
               f"{st['candidates']} pairs measured on {st['tokens']} tokens)")
         if not args.no_report:
             start = time.perf_counter()
-            report = write_report(out, sens, activations=cal.activations, source=source, timings=timings)
+            report = write_report(out, sens, activations=activations, source=source, timings=timings)
             timings["report"] = time.perf_counter() - start
             print(f"report: {report}")
     print("stages:")
@@ -568,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hessians", action="store_true", help="skip hessians.safetensors (the inputs' sum x x^T "
                    "for quantize --method gptq: sum of cols^2 x 8 bytes, refused over 4 GiB)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the measurement as Ray tasks: on the cluster at ADDRESS (HOST:PORT or auto), or on a "
+                   "local one when no address is given (pip install 'mixquant[ray]')")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted analysis in the same output "
+                   "folder: finished work items (kept in OUTPUT/.measure) are not redone")
     _runtime_flags(p)
     p.set_defaults(func=_cmd_analyze)
 

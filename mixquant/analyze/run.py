@@ -3,18 +3,25 @@ and the fit (`analyze`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
 import sys
 import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
 import numpy as np
 
-from ..calibrate import weight_distribution
+from ..calibrate import Distribution, weight_distribution
 from ..errors import MixquantError
 from ..plan import layer_of
-from .measure import _Measurer, setup_measurer
+from ..runtime import StreamedModel
+from .measure import Measurer, Reference, Swap, measurement_windows, reference_pass, unit_of
 from .sensitivity import (
     LayerResult,
     Sensitivity,
@@ -28,7 +35,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..calibrate import Imatrix
-    from ..plan import ModelInfo, TensorInfo
+    from ..plan import ModelInfo
+    from ..runtime.executor import WorkItem
     from ..source import Source
 
     Importance = Union[Imatrix, Mapping[str, np.ndarray]]  # an imatrix or {GGUF name: vector}
@@ -82,6 +90,12 @@ def analyze(
     layer_sweep_types: Iterable[str] = (),
     threads: int | None = None,
     progress: bool = True,
+    max_memory: int | str | None = None,
+    device: str | None = "cpu",
+    dtype: str | None = "float32",
+    ray: str | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> Sensitivity:
     """Sensitivity of every tensor of `source` (a Hugging Face folder, or a `Source`) to every type.
 
@@ -109,9 +123,15 @@ def analyze(
     threads: torch threads and quantization threads (default: torch's own setting). On a busy
         machine one thread can be much faster than oversubscribed ones.
     progress: tqdm bars on stderr for the long stages.
+    max_memory, device, dtype: the runtime's budget (bytes or "2GB"; default what is free), device
+        and forward precision (`mixquant.runtime.StreamedModel`): beyond the budget the model runs one
+        block at a time.
+    ray: run the measurement's work items (one per block: its candidates quantized, predicted and
+        measured together) as Ray tasks on this cluster ("local", "auto" or HOST:PORT); None: here.
+    state_dir: each finished work item is written there; with `resume`, items already there (from
+        an interrupted run with the same settings) are not redone. None: nothing kept.
     """
     import torch
-    from tqdm import tqdm
 
     from .. import formats
     from ..plan import allows_quantization
@@ -147,117 +167,99 @@ def analyze(
     if threads:
         torch.set_num_threads(int(threads))
     qthreads = max(1, int(threads or torch.get_num_threads()))
-    measurer = None
     settings: dict[str, Any] = {"measure": measure, "types": type_list, "threads": threads, "fisher": fisher,
-                                "layer_sweep_types": sweep_types}
+                                "layer_sweep_types": sweep_types, "dtype": str(dtype or "float32")}
+    reference = None
     try:
         # -- the reference pass ---------------------------------------------------------------
+        measurer = None
         if measure != "none" or fisher or sweep_types:
-            measurer = setup_measurer(src, text, windows, n_windows, ctx, score_from, settings)
+            windows_np, first = measurement_windows(src, text, windows, n_windows, ctx, score_from, settings)
+            model = StreamedModel(src, device=device, dtype=dtype, max_memory=max_memory)
+            settings["resident"] = model.resident
+            measurer = Measurer(model, reference_pass(model, windows_np, first, progress))
+            reference = {"nll": measurer.ref.nll, "ppl": math.exp(measurer.ref.nll)}
         settings["seconds_reference"] = round(time.perf_counter() - started, 2)
 
         # -- the work list --------------------------------------------------------------------
-        plan: list[tuple[str, list[str], set[str]]] = []
+        plan: list[tuple[str, list[str], list[str]]] = []
         for name in selected:
             t = by_name[name]
             if name in src.adapter.derived or not allows_quantization(t, info.arch):
-                plan.append((name, [], set()))
+                plan.append((name, [], []))
                 continue
             cands = candidate_types(t.shape, type_list)
             if "F32" not in cands:
                 cands = ["F32", *cands]
             if measure == "all":
-                to_measure = {c for c in cands if c != "F32"}
+                to_measure = [c for c in cands if c != "F32"]
             elif measure == "probe" and name in validate_set:  # float types: damage too small to matter
-                to_measure = {c for c in cands if c not in ("F32", "F16", "BF16")}
+                to_measure = [c for c in cands if c not in ("F32", "F16", "BF16")]
             elif measure == "probe":
                 avail = [p for p in probes if p in cands]
                 if not avail:  # no probe fits: the cheapest quantized type that does
                     quant = sorted((c for c in cands if c not in ("F32", "F16", "BF16")),
                                    key=lambda c: formats.get(c).bits_per_weight)
                     avail = quant[:1]
-                to_measure = set(avail)
+                to_measure = avail
             else:
-                to_measure = set()
-            if measurer is not None and name not in measurer.params:
-                to_measure = set()  # not a model parameter (derived): nothing to swap
+                to_measure = []
             plan.append((name, cands, to_measure))
 
         # -- the Fisher diagonal --------------------------------------------------------------
         tf = time.perf_counter()
-        fisher_diag = None
-        if fisher:
-            # whole parameters only: a view into a fused one (MoE experts' gate/up) has no gradient of
-            # its own; those pairs get no Fisher estimate
-            fisher_diag = measurer.runner.fisher({n: measurer.params[n] for n, c, _ in plan
-                                                  if c and isinstance(measurer.params.get(n), torch.nn.Parameter)},
-                                                 progress)
+        fisher_diag = measurer.fisher({n for n, c, _ in plan if c}, progress) if fisher else None
         settings["seconds_fisher"] = round(time.perf_counter() - tf, 2)
 
-        n_quant = sum(len(c) for _, c, _ in plan)
-        n_meas = sum(len(m) for _, _, m in plan)
-        settings.update(candidates=n_quant, measured_pairs=n_meas)
-        bar = tqdm(total=n_quant + 4 * n_meas, desc="sensitivity", unit="step", disable=not progress,
-                   file=sys.stderr, smoothing=0.05)
-        out: dict[str, TensorSensitivity] = {}
-        seconds_quant = seconds_measure = 0.0
-        try:
-            for name, cands, to_measure in plan:
-                t = by_name[name]
-                f = None if fisher_diag is None else fisher_diag.pop(name, None)
-                unchanged = None if fisher_diag is None else 0.0  # the Fisher estimate of a weight kept as is
-                if not cands:
-                    kept = TypeCost(bytes=_bytes(t.dtype, t.shape), predicted=0.0, measured=0.0, fisher=unchanged)
-                    out[name] = TensorSensitivity(name=name, shape=t.shape, fixed=True, types={t.dtype: kept})
-                    continue
-                bar.set_postfix_str(name, refresh=False)
-                rows, cols = math.prod(t.shape[:-1]), t.shape[-1]
-                w = np.ascontiguousarray(src.tensor(name), dtype=np.float32).reshape(rows, cols)
-                imp = _importance(imatrix, name)
-                costs: dict[str, TypeCost] = {}
-                for typ in cands:
-                    tq = time.perf_counter()
-                    nbytes = formats.quantized_size(typ, (rows, cols))
-                    if typ == "F32":
-                        costs[typ] = TypeCost(bytes=nbytes, predicted=0.0, measured=0.0, fisher=unchanged)
-                        bar.update(1)
-                        continue
-                    q = _roundtrip(w, typ, imp, qthreads)
-                    cost = TypeCost(bytes=nbytes, predicted=predicted_error(w, q, imp))
-                    if f is not None:
-                        d = measurer.delta_to_hf(name, w - q)  # a row permutation: exact on the difference
-                        rows_sum = np.einsum("ij,ij->i", f.reshape(d.shape), d * d)  # float64 across rows
-                        cost.fisher = 0.5 * float(rows_sum.sum(dtype=np.float64))
-                    seconds_quant += time.perf_counter() - tq
-                    bar.update(1)
-                    if typ in to_measure:
-                        tm = time.perf_counter()
-                        cost.measured = measurer.measure({name: q.reshape(t.shape)})[0]
-                        seconds_measure += time.perf_counter() - tm
-                        bar.update(4)
-                    costs[typ] = cost
-                    del q
-                out[name] = TensorSensitivity(name=name, shape=t.shape, types=costs, weights=weight_distribution(w))
-        finally:
-            bar.close()
+        # -- quantize, predict and measure, one work item per unit ------------------------------
+        n_layer = measurer.n_layer if measurer is not None else info.n_layer
+        items = _work_items(plan, sweep_types, info, n_layer, fisher_diag, measurer is not None)
         del fisher_diag
+        settings.update(candidates=sum(len(c) for _, c, _ in plan), measured_pairs=sum(len(m) for _, _, m in plan))
+        importance = {n: v for n, c, _ in plan if c and (v := _importance(imatrix, n)) is not None}
+        context = _Context(source=str(src.path), threads=qthreads, importance=importance,
+                           runtime={"max_memory": max_memory, "device": device, "dtype": dtype},
+                           reference=None if measurer is None else measurer.ref, token=_register(src, measurer))
+        results_dir = None
+        if state_dir is not None:
+            results_dir = _state(Path(state_dir), _fingerprint(src, settings, plan, sweep_types, importance,
+                                                               None if measurer is None else measurer.ref), resume)
+        tm = time.perf_counter()
+        try:
+            from ..runtime.executor import execute
 
-        # -- the layer sweep ------------------------------------------------------------------
-        ts = time.perf_counter()
-        sweep = _layer_sweep(src, info, measurer, imatrix, sweep_types, qthreads, progress) if sweep_types else []
-        settings["seconds_layer_sweep"] = round(time.perf_counter() - ts, 2)
-        reference = None if measurer is None else {"nll": measurer.runner.ref_nll,
-                                                    "ppl": math.exp(measurer.runner.ref_nll)}
+            results = execute(items, _run_item, context, results_dir, ray_address=ray, progress=progress,
+                              desc="sensitivity")
+        finally:
+            _PROCESS.pop(context.token, None)
+        settings["seconds_measure"] = round(time.perf_counter() - tm, 2)
+        settings["seconds_quantize"] = round(sum(r["seconds_quantize"] for r in results.values()), 2)
+
+        out: dict[str, TensorSensitivity] = {}
+        found: dict[str, dict[str, Any]] = {}
+        for r in results.values():
+            found.update(r["tensors"])
+        for name, cands, _ in plan:
+            t = by_name[name]
+            if not cands:
+                kept = TypeCost(bytes=_bytes(t.dtype, t.shape), predicted=0.0, measured=0.0,
+                                fisher=0.0 if fisher else None)
+                out[name] = TensorSensitivity(name=name, shape=t.shape, fixed=True, types={t.dtype: kept})
+                continue
+            r = found[name]
+            out[name] = TensorSensitivity(name=name, shape=t.shape, weights=Distribution.from_dict(r["weights"]),
+                                          types={typ: TypeCost(**c) for typ, c in r["types"].items()})
+        sweep = sorted((LayerResult(**x) for r in results.values() for x in r["sweep"]),
+                       key=lambda x: (x.layer, sweep_types.index(x.type)))
+        if reference is not None:
+            for x in sweep:
+                x.delta_ppl = x.ppl / reference["ppl"] - 1
     finally:
         torch.set_num_threads(saved_threads)
-        if measurer is not None:
-            del measurer
     settings.update(
         validate=sorted(validate_set) if measure == "probe" else [],
         probe_types=probes if measure == "probe" else [],
         imatrix=_imatrix_note(imatrix),
-        seconds_quantize=round(seconds_quant, 2),
-        seconds_measure=round(seconds_measure, 2),
         seconds=round(time.perf_counter() - started, 2),
         torch=torch.__version__,
     )
@@ -269,10 +271,168 @@ def analyze(
         reference=reference,
         layer_sweep=sweep,
     )
+    if results_dir is not None:
+        shutil.rmtree(results_dir, ignore_errors=True)  # done: the sensitivity holds it all
     sens.fit()
     if measure != "none":
         settings["fit"] = sens.fit_report()
     return sens
+
+
+# --------------------------------------------------------------------------------------------
+# work items: one per unit (token embedding, each block, head), each quantizing its tensors to
+# every candidate type, predicting, and measuring its measured pairs and layer sweep together
+
+
+@dataclass
+class _Context:
+    """What every work item shares (sent once to other processes): picklable."""
+
+    source: str
+    threads: int
+    importance: dict[str, np.ndarray]
+    runtime: dict[str, Any]
+    reference: Reference | None
+    token: str  # the measurer already built in this process, if any
+
+
+_PROCESS: dict[str, Measurer | None] = {}  # token -> this process's measurer (built on first use)
+_SOURCES: dict[str, Source] = {}
+
+
+def _register(src: Source, measurer: Measurer | None) -> str:
+    token = uuid.uuid4().hex
+    _PROCESS[token] = measurer
+    _SOURCES[token] = src
+    return token
+
+
+def _context_measurer(ctx: _Context) -> tuple[Source, Measurer | None]:
+    """The source and measurer of this process (another process opens its own from the files)."""
+    from ..source import open_source
+
+    if ctx.token not in _SOURCES:
+        _SOURCES[ctx.token] = open_source(ctx.source)
+        _PROCESS[ctx.token] = None if ctx.reference is None else \
+            Measurer(StreamedModel(_SOURCES[ctx.token], **ctx.runtime), ctx.reference)
+    return _SOURCES[ctx.token], _PROCESS[ctx.token]
+
+
+def _work_items(plan: list[tuple[str, list[str], list[str]]], sweep_types: list[str], info: ModelInfo,
+                n_layer: int, fisher_diag: dict[str, np.ndarray] | None, measuring: bool) -> list[WorkItem]:
+    from ..runtime.executor import WorkItem
+
+    units: dict[int, dict[str, Any]] = {}
+    for name, cands, to_measure in plan:
+        if not cands:
+            continue
+        u = unit_of(name, n_layer)
+        entry = units.setdefault(u, {"unit": u, "tensors": [], "sweep": []})
+        entry["tensors"].append({"name": name, "types": cands, "measure": to_measure if measuring else [],
+                                 "fisher": None if fisher_diag is None else fisher_diag.get(name)})
+    if sweep_types:
+        for il in range(n_layer):
+            units.setdefault(il, {"unit": il, "tensors": [], "sweep": []})["sweep"] = list(sweep_types)
+    items = []
+    for u, payload in sorted(units.items()):
+        measured = sum(len(t["measure"]) for t in payload["tensors"]) + len(payload["sweep"])
+        blocks_after = n_layer - max(u, 0) + 4  # the head costs about as much as a few blocks
+        key = "embed" if u < 0 else "head" if u >= n_layer else f"blk.{u}"
+        items.append(WorkItem(key=key, cost=float(measured * blocks_after + len(payload["tensors"])), payload=payload))
+    return items
+
+
+def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
+    """One unit's tensors: every candidate quantized (predicted error, Fisher estimate), the
+    measured ones and the layer sweep's whole-block variants carried through the rest of the model
+    together. JSON-ready."""
+    import torch
+
+    from .. import formats
+
+    if ctx.threads:
+        torch.set_num_threads(ctx.threads)
+    src, measurer = _context_measurer(ctx)
+    info = src.model
+    by_name = {t.name: t for t in info.tensors}
+    seconds_quant = 0.0
+    tensors: dict[str, dict[str, Any]] = {}
+    swaps: list[Swap] = []
+    owners: list[tuple[str, Any]] = []  # (tensor, type) or ("sweep", type) of each swap
+    weights: dict[str, np.ndarray] = {}
+    for entry in payload["tensors"]:
+        name = entry["name"]
+        t = by_name[name]
+        rows, cols = math.prod(t.shape[:-1]), t.shape[-1]
+        w = np.ascontiguousarray(src.tensor(name), dtype=np.float32).reshape(rows, cols)
+        imp = ctx.importance.get(name)
+        f = entry["fisher"]
+        costs: dict[str, dict[str, Any]] = {}
+        for typ in entry["types"]:
+            nbytes = formats.quantized_size(typ, (rows, cols))
+            if typ == "F32":
+                costs[typ] = {"bytes": nbytes, "predicted": 0.0, "measured": 0.0, "fisher": None if f is None else 0.0}
+                continue
+            tq = time.perf_counter()
+            q = _roundtrip(w, typ, imp, ctx.threads)
+            cost: dict[str, Any] = {"bytes": nbytes, "predicted": predicted_error(w, q, imp), "measured": None,
+                                    "fisher": None}
+            if f is not None:
+                d = src.adapter.delta_to_hf(name, w - q, info)  # a row permutation: exact on the difference
+                rows_sum = np.einsum("ij,ij->i", f.reshape(d.shape), d * d)  # float64 across rows
+                cost["fisher"] = 0.5 * float(rows_sum.sum(dtype=np.float64))
+            seconds_quant += time.perf_counter() - tq
+            if typ in entry["measure"]:
+                swaps.append({name: q.reshape(t.shape)})
+                owners.append((name, typ))
+            costs[typ] = cost
+            del q
+        tensors[name] = {"types": costs, "weights": asdict(weight_distribution(w))}
+        if payload["sweep"]:
+            weights[name] = w
+    sweep_used: list[dict[str, str]] = []
+    if payload["sweep"]:
+        swaps_sweep, sweep_used, seconds = _sweep_swaps(src, payload["unit"], payload["sweep"], weights, ctx)
+        seconds_quant += seconds
+        swaps += swaps_sweep
+        owners += [("sweep", typ) for typ in payload["sweep"]]
+    del weights
+    measured = measurer.measure(payload["unit"], swaps) if swaps else []
+    sweep = []
+    for (name, typ), (kld, nll) in zip(owners, measured):
+        if name == "sweep":
+            sweep.append({"layer": payload["unit"], "type": typ, "kld": kld, "ppl": math.exp(nll), "delta_ppl": 0.0,
+                          "types_used": sweep_used[len(sweep)]})
+        else:
+            tensors[name]["types"][typ]["measured"] = kld
+    return {"tensors": tensors, "sweep": sweep, "seconds_quantize": seconds_quant}
+
+
+def _sweep_swaps(src: Source, layer: int, types: list[str], known: dict[str, np.ndarray], ctx: _Context
+                 ) -> tuple[list[Swap], list[dict[str, str]], float]:
+    """The layer sweep's variants of block `layer`: each of its quantizable tensors at each type
+    (llama.cpp's shape fallback where the type's block does not fit a row), all else float32."""
+    from ..plan import allows_quantization, fallback_type
+
+    info = src.model
+    block = [t for t in info.tensors if layer_of(t.name) == layer and t.name not in src.adapter.derived
+             and allows_quantization(t, info.arch)]
+    tq = time.perf_counter()
+    swaps, used_all = [], []
+    for typ in types:
+        try:
+            used = {t.name: fallback_type(typ, t.shape[-1]) for t in block}
+        except ValueError as exc:
+            raise MixquantError(f"layer sweep: {exc}") from None
+        swap = {}
+        for t in block:
+            w = known.get(t.name)
+            if w is None:
+                w = np.ascontiguousarray(src.tensor(t.name), dtype=np.float32).reshape(-1, t.shape[-1])
+            swap[t.name] = _roundtrip(w, used[t.name], ctx.importance.get(t.name), ctx.threads).reshape(t.shape)
+        swaps.append(swap)
+        used_all.append(used)
+    return swaps, used_all, time.perf_counter() - tq
 
 
 def _roundtrip(w: np.ndarray, type_name: str, importance: np.ndarray | None, threads: int) -> np.ndarray:
@@ -283,36 +443,47 @@ def _roundtrip(w: np.ndarray, type_name: str, importance: np.ndarray | None, thr
                               type_name, w.shape)
 
 
-def _layer_sweep(src: Source, info: ModelInfo, measurer: _Measurer, imatrix: Importance | None, types: list[str],
-                 qthreads: int, progress: bool) -> list[LayerResult]:
-    """Each block's quantizable tensors at each type (shape fallbacks as llama.cpp), all else float32."""
-    from tqdm import tqdm
+# --------------------------------------------------------------------------------------------
+# resuming
 
-    from ..plan import allows_quantization, fallback_type
 
-    blocks: dict[int, list[TensorInfo]] = {}
-    for t in info.tensors:
-        il = layer_of(t.name)
-        if il is not None and t.name in measurer.params and allows_quantization(t, info.arch):
-            blocks.setdefault(il, []).append(t)
-    out = []
-    with tqdm(total=len(blocks) * len(types), desc="layer sweep", unit="rerun", disable=not progress,
-              file=sys.stderr) as bar:
-        for il in sorted(blocks):
-            ws = {t.name: np.ascontiguousarray(src.tensor(t.name), dtype=np.float32).reshape(-1, t.shape[-1])
-                  for t in blocks[il]}
-            for typ in types:
-                try:
-                    used = {t.name: fallback_type(typ, t.shape[-1]) for t in blocks[il]}
-                except ValueError as exc:
-                    raise MixquantError(f"layer sweep: {exc}") from None
-                swaps = {t.name: _roundtrip(ws[t.name], used[t.name], _importance(imatrix, t.name), qthreads)
-                         .reshape(t.shape) for t in blocks[il]}
-                kld, nll = measurer.measure(swaps)
-                out.append(LayerResult(layer=il, type=typ, kld=kld, ppl=math.exp(nll),
-                                       delta_ppl=math.expm1(nll - measurer.runner.ref_nll), types_used=used))
-                bar.update(1)
-    return out
+def _fingerprint(src: Source, settings: dict[str, Any], plan: list, sweep_types: list[str],
+                 importance: dict[str, np.ndarray], ref: Reference | None) -> str:
+    """A digest of everything a work item's result depends on."""
+    h = hashlib.sha256()
+    for f in src.input_files:
+        st = Path(f).stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    keep = {k: settings.get(k) for k in ("measure", "types", "fisher", "dtype", "windows", "ctx", "score_from")}
+    h.update(json.dumps([keep, plan, sweep_types], sort_keys=True, default=str).encode())
+    for name in sorted(importance):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(importance[name]).tobytes())
+    if ref is not None:
+        h.update(ref.windows.tobytes())
+    return h.hexdigest()
+
+
+def _state(folder: Path, fingerprint: str, resume: bool) -> Path:
+    """The folder finished work items go to: kept from an earlier run with `resume` (same
+    fingerprint), else started afresh."""
+    from ..files import write_text
+
+    stamp = folder / "fingerprint"
+    if folder.exists():
+        if resume and stamp.is_file() and stamp.read_text().strip() == fingerprint:
+            done = len(list(folder.glob("*.json")))
+            print(f"resuming: {done} finished work items in {folder}", file=sys.stderr)
+            return folder
+        if resume:
+            raise MixquantError(f"{folder}: the saved state is from a run with other settings, model or text; "
+                                "rerun without --resume to start again")
+        shutil.rmtree(folder)
+    elif resume:
+        print(f"--resume: nothing saved in {folder}; starting from the beginning", file=sys.stderr)
+    folder.mkdir(parents=True)
+    write_text(stamp, fingerprint + "\n")
+    return folder
 
 
 def _bytes(type_name: str, shape: tuple[int, ...]) -> int:

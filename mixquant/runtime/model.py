@@ -107,6 +107,8 @@ class StreamedModel:
         self.head = model.get_output_embeddings()
         self._tmap = self.adapter.tensor_map(self.info.n_layer)
         self._loaded: set[str] = set()  # names of the units holding real weights
+        self._held: dict[str, int] = {}  # unit -> open `loaded` blocks
+        self._views: dict[str, dict[str, Any]] = {}  # unit -> tensors_of(unit), while loaded
 
         self.unit_bytes = {unit: self._unit_bytes(unit) for unit in self.units}
         self.budget = budget_from(max_memory)
@@ -182,6 +184,13 @@ class StreamedModel:
     def _fill(self, module: torch.nn.Module, prefix: str) -> None:
         import torch
 
+        # normal tensors even when loaded inside inference_mode: a resident unit may later need gradients
+        with torch.inference_mode(False), torch.no_grad():
+            self._fill_params(module, prefix)
+
+    def _fill_params(self, module: torch.nn.Module, prefix: str) -> None:
+        import torch
+
         for pname, p in list(module.named_parameters(recurse=True)):
             owner_name, _, attr = pname.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
@@ -210,10 +219,11 @@ class StreamedModel:
         self._loaded.add(unit)
 
     def release(self, unit: str, force: bool = False) -> None:
-        """Drop `unit`'s weights back to the meta device (kept when the model is resident)."""
+        """Drop `unit`'s weights back to the meta device (kept when the model is resident or a
+        `loaded` block still holds them)."""
         import torch
 
-        if unit not in self._loaded or (self.resident and not force):
+        if unit not in self._loaded or (not force and (self.resident or self._held.get(unit))):
             return
         for module in self.modules_of(unit):
             for pname, p in list(module.named_parameters(recurse=True)):
@@ -221,6 +231,7 @@ class StreamedModel:
                 owner = module.get_submodule(owner_name) if owner_name else module
                 owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
         self._loaded.discard(unit)
+        self._views.pop(unit, None)
 
     def release_all(self) -> None:
         for unit in list(self._loaded):
@@ -228,12 +239,60 @@ class StreamedModel:
 
     @contextmanager
     def loaded(self, unit: str) -> Iterator[list[torch.nn.Module]]:
-        """`unit`'s modules with their weights, released afterwards unless resident."""
+        """`unit`'s modules with their weights, released afterwards unless resident (nests: the
+        outermost one releases)."""
         self.load(unit)
+        self._held[unit] = self._held.get(unit, 0) + 1
         try:
             yield self.modules_of(unit)
         finally:
-            self.release(unit)
+            self._held[unit] -= 1
+            if not self._held[unit]:
+                del self._held[unit]
+                self.release(unit)
+
+    def _named(self, unit: str, of_grad: bool = False) -> dict[str, torch.Tensor]:
+        out = {}
+        for module in self.modules_of(unit):
+            prefix = self._prefix(module)
+            for pname, p in module.named_parameters(recurse=True):
+                data = p.grad if of_grad else p.data
+                if data is None:
+                    continue
+                for hf_name, view in self.adapter.split_parameter(f"{prefix}{pname}", data):
+                    out[self._gguf_name(hf_name)] = view
+        return out
+
+    def tensors_of(self, unit: str) -> dict[str, torch.Tensor]:
+        """GGUF name -> the loaded unit's tensor (or view of a fused one) holding it, in the
+        transformers layout (a tied output's head holds token_embd.weight too)."""
+        if unit not in self._loaded:
+            raise MixquantError(f"{unit} is not loaded")
+        if unit not in self._views:
+            self._views[unit] = self._named(unit)
+        return self._views[unit]
+
+    def gradients_of(self, unit: str) -> dict[str, torch.Tensor]:
+        """GGUF name -> the gradient of the loaded unit's tensor (after a backward pass)."""
+        return self._named(unit, of_grad=True)
+
+    @contextmanager
+    def trainable(self, unit: str) -> Iterator[None]:
+        """The loaded unit's parameters require gradients while inside."""
+        params = [p for m in self.modules_of(unit) for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+
+    def zero_grad(self, unit: str) -> None:
+        for m in self.modules_of(unit):
+            for p in m.parameters():
+                p.grad = None
 
     def set_weights(self, weights: Callable[[str], np.ndarray] | None) -> None:
         """Another weight provider (None: the source's own); loaded units are dropped."""
