@@ -162,15 +162,23 @@ def test_serial_never_imports_ray(tmp_path, monkeypatch):
         execute(items, measure, SHARED, None, ray_address="local", progress=False)
 
 
-def test_bad_items_and_results_are_refused(tmp_path):
+def test_bad_items_are_refused(tmp_path):
     calls = tmp_path / "calls"
     with pytest.raises(MixquantError, match="'a/b': use only letters"):
         execute(work(calls, 1) + [WorkItem("a/b", 1.0, {})], measure, SHARED, None, progress=False)
     with pytest.raises(MixquantError, match="'row-00' is given twice"):
         execute(work(calls, 1) * 2, measure, SHARED, None, progress=False)
-    with pytest.raises(MixquantError, match="item row-00: the task's result is not JSON"):
-        execute(work(calls, 1), lambda payload, shared: {"x": shared["x"]}, SHARED, tmp_path, progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["calls"]
+    assert calls_of(calls) == []
+
+
+def test_result_that_is_not_json_stops_the_run(mode, tmp_path):
+    results_dir = tmp_path / "results"
+    with pytest.raises(MixquantError, match=r"item row-0\d: the task's result is not JSON"):
+        execute(work(tmp_path / "calls"), lambda payload, shared: {"x": shared["x"]}, SHARED, results_dir,
+                ray_address=mode, progress=False)
+    assert list(results_dir.iterdir()) == []
+    # the rest was cancelled and the cluster is still usable
+    assert execute(work(tmp_path / "calls"), measure, SHARED, results_dir, ray_address=mode, progress=False)
 
 
 def _free_port() -> int:
@@ -180,36 +188,60 @@ def _free_port() -> int:
 
 
 _DRIVER = """
-import sys, numpy as np
+import sys
 sys.path.insert(0, {tests!r})
 import ray.cloudpickle, test_executor as t
+from mixquant.files import handle_sigterm
 ray.cloudpickle.register_pickle_by_value(t)
-from pathlib import Path
-print(t.execute(t.work(Path({calls!r})), t.measure, t.SHARED, None, ray_address={address!r}, progress=False) ==
-      t.execute(t.work(Path({calls!r}) / "serial"), t.measure, t.SHARED, None, progress=False))
+handle_sigterm()  # as the CLI does
+calls = t.Path({calls!r})
+print(t.execute(t.work(calls), t.{task}, t.SHARED, None, ray_address={address!r}, progress=False) ==
+      t.execute(t.work(calls / "serial"), t.measure, t.SHARED, None, progress=False))
 """
 
 
+def sleep_long(payload: dict, shared: dict) -> dict:
+    _note_call(payload)
+    time.sleep(600)
+    return {}
+
+
 @pytest.mark.slow
-def test_connects_to_a_running_cluster(ray_cluster, tmp_path):
+def test_connects_to_a_running_cluster(tmp_path):
     """`ray start --head` in a process of its own, and a driver that connects to it by HOST:PORT,
-    disconnects afterwards and leaves the cluster running."""
+    disconnects afterwards and leaves the cluster running; a driver stopped by SIGTERM (a CLI run
+    killed) gets it as an exception, so that its cleanup runs."""
+    pytest.importorskip("ray")
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a plain cluster, whatever token this machine holds
     head = subprocess.Popen([Path(sys.executable).with_name("ray"), "start", "--head", "--block", f"--port={port}",
                              "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def driver(task: str, calls: Path) -> list[str]:
+        code = _DRIVER.format(tests=str(Path(__file__).parent), calls=str(calls), task=task, address=f"127.0.0.1:{port}")
+        return [sys.executable, "-c", code]
+
     try:
-        driver = _DRIVER.format(tests=str(Path(__file__).parent), calls=str(tmp_path / "calls"), address=f"127.0.0.1:{port}")
-        for _ in range(60):  # the head takes seconds to answer
+        for _ in range(120):  # the head takes seconds to answer
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.5)
-        run = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=120)
+        run = subprocess.run(driver("measure", tmp_path / "calls"), env=env, capture_output=True, text=True, timeout=120)
         assert run.stdout.strip() == "True", run.stderr[-2000:]
         assert head.poll() is None  # the driver disconnected; the cluster it did not start still runs
         assert len(calls_of(tmp_path / "calls")) == 6  # each item once, on the cluster
+
+        stopped = subprocess.Popen(driver("sleep_long", tmp_path / "long"), env=env, stderr=subprocess.PIPE, text=True)
+        while not (tmp_path / "long").exists() or not calls_of(tmp_path / "long"):  # a task is running
+            assert stopped.poll() is None
+            time.sleep(0.2)
+        stopped.terminate()
+        _, stderr = stopped.communicate(timeout=60)
+        assert stopped.returncode != 0 and ("KeyboardInterrupt" in stderr or "Terminated" in stderr), stderr[-2000:]
+        assert "SIGTERM received" not in stderr  # not Ray's handler, which ends the process on the spot
+        assert head.poll() is None
     finally:
         head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
         head.wait(timeout=60)

@@ -32,8 +32,10 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +101,7 @@ def execute(items: Sequence[WorkItem], task: Task, shared: Any, results_dir: Pat
             failures = _run_serial(todo, task, shared, retries, record)
         elif todo:
             failures = _run_ray(todo, task, shared, retries, record, address=ray_address,
-                                num_cpus=num_cpus, num_gpus=num_gpus)
+                                num_cpus=num_cpus, num_gpus=num_gpus, desc=desc)
     if failures:
         item, error = failures[0]
         raise MixquantError(f"{desc}: {len(failures)} of {len(items)} items failed after {retries + 1} attempts "
@@ -226,6 +228,7 @@ def ray_session(address: str, *, num_cpus: int | None = None) -> Iterator[None]:
     options: dict[str, Any] = {}
     if address == "local":
         options["num_cpus"] = num_cpus or _cpu_count()
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                  **options)
@@ -233,6 +236,9 @@ def ray_session(address: str, *, num_cpus: int | None = None) -> Iterator[None]:
         # Ray sends its token only where RAY_AUTH_MODE=token says so; without it, a token cluster refuses us
         hint = "" if address == "local" else " (a cluster with token authentication needs RAY_AUTH_MODE=token here)"
         raise MixquantError(f"Ray address {address}: cannot start or connect: {_describe(exc)}{hint}") from None
+    if sigterm is not None and threading.current_thread() is threading.main_thread():
+        # ray.init's own handler ends the process with a stack dump, skipping every cleanup
+        signal.signal(signal.SIGTERM, sigterm)
     try:
         yield
     finally:
@@ -245,15 +251,16 @@ def _call(task: Task, payload: Any, shared: Any) -> Any:
 
 
 def _run_ray(todo: list[WorkItem], task: Task, shared: Any, retries: int, record: Record, *, address: str,
-             num_cpus: float, num_gpus: float) -> list[tuple[WorkItem, str]]:
+             num_cpus: float, num_gpus: float, desc: str) -> list[tuple[WorkItem, str]]:
     ray = _import_ray()
     failures = []
     with ray_session(address):
+        run = ray.remote(_call)
         # retry_exceptions: the task's own errors too, not only a dead worker (which max_retries covers)
-        run = ray.remote(_call).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=retries,
-                                        retry_exceptions=True)
+        options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=retries, retry_exceptions=True)
         task_ref, shared_ref = ray.put(task), ray.put(shared)
-        pending = {run.remote(task_ref, item.payload, shared_ref): item for item in todo}  # costliest first
+        pending = {run.options(name=f"{desc}:{item.key}", **options).remote(task_ref, item.payload, shared_ref): item
+                   for item in todo}  # costliest first; Ray's own messages name the item
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
