@@ -61,9 +61,10 @@ def calls_of(calls: Path) -> list[str]:
     return sorted(p.name.split(".")[0] for p in calls.iterdir() if p.is_file() and p.name != "died")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster with 2 CPUs for the whole session (startup takes seconds)."""
+    """One local Ray cluster with 2 CPUs for every test here (startup takes seconds); module-scoped,
+    so that its processes are gone before the rest of the suite runs."""
     ray = pytest.importorskip("ray")
     # pytest imports this module from tests/ (not on the workers' path): send its functions by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
