@@ -155,3 +155,15 @@ def test_work_items_one_per_unit_costed_by_what_they_rerun(tiny):
     assert [i.key for i in items] == ["blk.0", "blk.1"]
     assert items[0].cost > items[1].cost, "an early block reruns more of the model"
     assert np.isfinite([i.cost for i in items]).all()
+
+
+def test_ray_analysis_equals_serial(tiny):
+    """The same work items as Ray tasks on a local 2-CPU cluster: the same sensitivity."""
+    pytest.importorskip("ray")
+    folder, text = tiny
+    kw = dict(text=text, n_windows=2, ctx=48, types=["Q8_0", "Q4_0"], measure="all", layer_sweep_types=["Q2_K"],
+              progress=False, threads=1)
+    serial = analyze(folder, None, **kw)
+    spread = analyze(folder, None, ray="local", **kw)
+    assert _damages(spread) == _damages(serial)
+    assert [(x.layer, x.kld) for x in spread.layer_sweep] == [(x.layer, x.kld) for x in serial.layer_sweep]
