@@ -167,3 +167,34 @@ def test_ray_analysis_equals_serial(tiny):
     spread = analyze(folder, None, ray="local", **kw)
     assert _damages(spread) == _damages(serial)
     assert [(x.layer, x.kld) for x in spread.layer_sweep] == [(x.layer, x.kld) for x in serial.layer_sweep]
+
+
+def test_devices_and_dtypes(tiny):
+    """--device auto takes what torch sees; --dtype bfloat16 runs the same pass at lower precision."""
+    from mixquant.runtime import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type in (expected, "mps")
+    with pytest.raises(MixquantError, match="--device must be one of"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MixquantError, match="no CUDA device"):
+            resolve_device("cuda")
+    src = open_source(tiny[0])
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    f32 = _streamed_logits(StreamedModel(src), ids)
+    bf16 = _streamed_logits(StreamedModel(src, dtype="bfloat16"), ids)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, f32)
+    assert torch.allclose(bf16, f32, atol=0.1 * float(f32.abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_analysis_agrees_with_cpu(tiny):
+    folder, text = tiny
+    kw = dict(text=text, n_windows=2, ctx=48, types=["Q4_0"], measure="all", progress=False, threads=1)
+    cpu = analyze(folder, None, **kw)
+    gpu = analyze(folder, None, device="cuda", **kw)
+    for name in cpu.names:
+        for typ, c in cpu[name].types.items():
+            if c.measured:
+                assert gpu[name].types[typ].measured == pytest.approx(c.measured, rel=1e-3)
