@@ -212,13 +212,20 @@ class Measurer:
 
     # -- Fisher ------------------------------------------------------------------------------
 
-    def fisher(self, names: set[str], progress: bool = False) -> dict[str, np.ndarray]:
+    def fisher(self, names: set[str], folder: Path, progress: bool = False) -> dict[str, str]:
         """The empirical Fisher diagonal of GGUF tensors `names` in per-token units: T x the mean over
         windows of (dL/dw)^2, L the mean NLL of a window's T scored tokens. Float32, in the
         transformers layout. Walks back through the units one at a time: the gradient entering
-        each block's output, per window, is kept between blocks."""
+        each block's output, per window, is kept between blocks; each unit's diagonals go to
+        `folder/fisher-<unit>.safetensors` when it is done (so no more than one unit's are held).
+        Returns {name: its file}."""
         import torch
+        from safetensors.numpy import save
         from tqdm import tqdm
+
+        from ..files import write_bytes
+
+        files: dict[str, str] = {}
 
         sm = self.model
         n, t = self.ref.windows.shape
@@ -269,7 +276,12 @@ class Measurer:
                         collect(unit, w)
                         bar.update(1)
                     sm.zero_grad(unit)
-        return {name: a.numpy() for name, a in acc.items()}
+                if acc:
+                    path = folder / f"fisher-{unit}.safetensors"
+                    write_bytes(path, save({name: a.numpy() for name, a in acc.items()}))
+                    files.update(dict.fromkeys(acc, str(path)))
+                    acc.clear()
+        return files
 
 
 # --------------------------------------------------------------------------------------------

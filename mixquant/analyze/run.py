@@ -3,12 +3,14 @@ and the fit (`analyze`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -170,7 +172,8 @@ def analyze(
     settings: dict[str, Any] = {"measure": measure, "types": type_list, "threads": threads, "fisher": fisher,
                                 "layer_sweep_types": sweep_types, "dtype": str(dtype or "float32")}
     reference = None
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, saved_threads)
         # -- the reference pass ---------------------------------------------------------------
         measurer = None
         if measure != "none" or fisher or sweep_types:
@@ -206,24 +209,26 @@ def analyze(
                 to_measure = []
             plan.append((name, cands, to_measure))
 
-        # -- the Fisher diagonal --------------------------------------------------------------
-        tf = time.perf_counter()
-        fisher_diag = measurer.fisher({n for n, c, _ in plan if c}, progress) if fisher else None
-        settings["seconds_fisher"] = round(time.perf_counter() - tf, 2)
-
-        # -- quantize, predict and measure, one work item per unit ------------------------------
-        n_layer = measurer.n_layer if measurer is not None else info.n_layer
-        items = _work_items(plan, sweep_types, info, n_layer, fisher_diag, measurer is not None)
-        del fisher_diag
         settings.update(candidates=sum(len(c) for _, c, _ in plan), measured_pairs=sum(len(m) for _, _, m in plan))
         importance = {n: v for n, c, _ in plan if c and (v := _importance(imatrix, n)) is not None}
-        context = _Context(source=str(src.path), threads=qthreads, importance=importance,
-                           runtime={"max_memory": max_memory, "device": device, "dtype": dtype},
-                           reference=None if measurer is None else measurer.ref, token=_register(src, measurer))
         results_dir = None
         if state_dir is not None:
             results_dir = _state(Path(state_dir), _fingerprint(src, settings, plan, sweep_types, importance,
                                                                None if measurer is None else measurer.ref), resume)
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="mixquant-fisher-"))
+
+        # -- the Fisher diagonal, one file per unit -------------------------------------------
+        tf = time.perf_counter()
+        fisher_files = measurer.fisher({n for n, c, _ in plan if c}, results_dir or Path(scratch), progress) \
+            if fisher else None
+        settings["seconds_fisher"] = round(time.perf_counter() - tf, 2)
+
+        # -- quantize, predict and measure, one work item per unit ------------------------------
+        n_layer = measurer.n_layer if measurer is not None else info.n_layer
+        items = _work_items(plan, sweep_types, info, n_layer, fisher_files, measurer is not None)
+        context = _Context(source=str(src.path), threads=qthreads, importance=importance,
+                           runtime={"max_memory": max_memory, "device": device, "dtype": dtype},
+                           reference=None if measurer is None else measurer.ref, token=_register(src, measurer))
         tm = time.perf_counter()
         try:
             from ..runtime.executor import execute
@@ -254,8 +259,6 @@ def analyze(
         if reference is not None:
             for x in sweep:
                 x.delta_ppl = x.ppl / reference["ppl"] - 1
-    finally:
-        torch.set_num_threads(saved_threads)
     settings.update(
         validate=sorted(validate_set) if measure == "probe" else [],
         probe_types=probes if measure == "probe" else [],
@@ -319,7 +322,7 @@ def _context_measurer(ctx: _Context) -> tuple[Source, Measurer | None]:
 
 
 def _work_items(plan: list[tuple[str, list[str], list[str]]], sweep_types: list[str], info: ModelInfo,
-                n_layer: int, fisher_diag: dict[str, np.ndarray] | None, measuring: bool) -> list[WorkItem]:
+                n_layer: int, fisher_files: dict[str, str] | None, measuring: bool) -> list[WorkItem]:
     from ..runtime.executor import WorkItem
 
     units: dict[int, dict[str, Any]] = {}
@@ -329,7 +332,7 @@ def _work_items(plan: list[tuple[str, list[str], list[str]]], sweep_types: list[
         u = unit_of(name, n_layer)
         entry = units.setdefault(u, {"unit": u, "tensors": [], "sweep": []})
         entry["tensors"].append({"name": name, "types": cands, "measure": to_measure if measuring else [],
-                                 "fisher": None if fisher_diag is None else fisher_diag.get(name)})
+                                 "fisher": None if fisher_files is None else fisher_files.get(name)})
     if sweep_types:
         for il in range(n_layer):
             units.setdefault(il, {"unit": il, "tensors": [], "sweep": []})["sweep"] = list(sweep_types)
@@ -366,7 +369,7 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
         rows, cols = math.prod(t.shape[:-1]), t.shape[-1]
         w = np.ascontiguousarray(src.tensor(name), dtype=np.float32).reshape(rows, cols)
         imp = ctx.importance.get(name)
-        f = entry["fisher"]
+        f = None if entry["fisher"] is None else _read_fisher(entry["fisher"], name)
         costs: dict[str, dict[str, Any]] = {}
         for typ in entry["types"]:
             nbytes = formats.quantized_size(typ, (rows, cols))
@@ -406,6 +409,13 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
         else:
             tensors[name]["types"][typ]["measured"] = kld
     return {"tensors": tensors, "sweep": sweep, "seconds_quantize": seconds_quant}
+
+
+def _read_fisher(path: str, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return f.get_tensor(name)
 
 
 def _sweep_swaps(src: Source, layer: int, types: list[str], known: dict[str, np.ndarray], ctx: _Context
