@@ -21,11 +21,15 @@ mixquant can write whose block divides its row length, two numbers:
 * **measured damage**: the KL divergence (nats per token, mean over scored tokens) of the model's
   next-token distribution when *only that tensor* is quantized to that type, everything else in
   float32, on windows held out from the calibration text (by default its last windows: an
-  imatrix is normally computed on the first chunks). Computed incrementally: the float32 model
-  runs once over all windows (batched), caching the hidden state entering every block and the
-  reference logits of the scored positions; a candidate swaps its one weight in place, reruns
-  only from its block onward (the token embedding, tied to the output, reruns everything),
-  computes the KLD against the cache and puts the weight back.
+  imatrix is normally computed on the first chunks). Computed incrementally on the streaming
+  runtime (`mixquant.runtime`): the float32 model runs once over all windows, one block at a time,
+  keeping the hidden state entering every block and the reference logits of the scored positions;
+  then one work item per unit (the token embedding, each block, the head) quantizes that unit's
+  tensors to every candidate type and carries all its measured candidates (and the layer sweep's
+  whole-block variants) from the unit's cached input through the rest of the model together: a
+  candidate's own block runs with its weight swapped in, every later block once per chunk of
+  candidates, their hidden states in one batch (the token embedding, tied to the output, is
+  swapped at both ends). The numbers are bit for bit those of one rerun per candidate.
 
 Budget: on 2 CPU cores a rerun costs ~1-3 s for 512 tokens (blocks l..L-1 plus the 49152-word
 output layer), so measuring all ~1900 (tensor, type) pairs of the test model would take about an
