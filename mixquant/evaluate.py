@@ -54,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import sys
@@ -123,7 +124,8 @@ class EvalResult:
     bytes: the GGUF file's size, or for a plan its tensor data (no header/metadata);
     bits_per_weight: tensor data bits per weight in both cases (llama-quantize's BPW);
     tokens: scored tokens (chunks x (ctx - 1 - ctx//2)); tokens_per_s: tokens run through the
-    model (chunks x ctx) per second of forward passes.
+    model (chunks x ctx) per second of forward passes, reading (and for a plan quantizing) the
+    weights included: the runtime loads them during the pass.
     """
 
     label: str
@@ -202,6 +204,17 @@ def _row_blocks(n: int) -> Iterator[slice]:
     """Scored positions in blocks of _ROWS: the float64 temporaries of a window's vocabulary-wide
     arithmetic stay small (each row's result is the same as over the whole window)."""
     return (slice(i, min(i + _ROWS, n)) for i in range(0, n, _ROWS))
+
+
+def _drop_pages(codes: np.memmap, chunk: int) -> None:
+    """Let one chunk's pages of the memory-mapped log-prob codes leave this process's RSS (mapped
+    file pages count in it, and a whole reference is 25 MB per 512-token chunk): each chunk is
+    written once by the reference pass and read once per evaluation. Written pages are flushed
+    first; the file keeps them."""
+    from .source import _release
+
+    per_chunk = codes[0].nbytes
+    _release(codes, codes.offset % mmap.ALLOCATIONGRANULARITY + chunk * per_chunk, per_chunk)
 
 
 def _encode(logp) -> tuple[np.ndarray, np.ndarray]:
@@ -579,6 +592,8 @@ class Evaluator:
                 top1[c] = logits.argmax(dim=-1).numpy()
                 for rows in _row_blocks(self.n_scored):
                     codes[c, rows], scale[c, rows] = _encode(logq[rows])
+                codes.flush()
+                _drop_pages(codes, c)
             codes.flush()
             del codes
             np.save(tmp / "scale.npy", scale)
@@ -645,6 +660,7 @@ class Evaluator:
             for rows in _row_blocks(self.n_scored):
                 logp = ref.logprobs(c, rows)
                 kld[c, rows] = (logp.exp() * (logp - logq[rows])).sum(dim=-1).numpy()
+            _drop_pages(ref.codes, c)
             del logq, logp, logits
         flat = kld.reshape(-1)
         return EvalResult(
@@ -708,11 +724,13 @@ class Evaluator:
             w = self.source.tensor(name)
             if codecs[name] == "F32":
                 return w
-            rows, cols = (math.prod(w.shape[:-1]) if w.ndim > 1 else 1), w.shape[-1]
+            shape = w.shape
+            rows, cols = (math.prod(shape[:-1]) if len(shape) > 1 else 1), shape[-1]
             try:
                 data = formats.quantize(w.reshape(rows, cols), codecs[name], importance=_importance(imatrix, name),
                                         threads=threads)
-                return formats.dequantize(data, codecs[name], (rows, cols)).reshape(w.shape)
+                del w  # one float32 copy at a time: the largest unit's load stays within its working share
+                return formats.dequantize(data, codecs[name], (rows, cols)).reshape(shape)
             except ValueError as exc:
                 raise MixquantError(f"tensor {name}: cannot quantize to {codecs[name]}: {exc}") from None
 
