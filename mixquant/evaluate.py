@@ -510,7 +510,7 @@ class Evaluator:
                     disable=not self.progress, file=sys.stderr)
 
     def _scored(self, label: str, forward: "_Stopwatch", chunks: int | None = None):
-        """Per window: (index, logits, log-softmax, NLL of each scored token); times the forward passes.
+        """Per window: (index, float32 logits of the scored positions); times the forward passes.
 
         Block-major through the runtime: every window through the embedding and each block in turn
         (`runtime.windows.run_windows`), then the final norm and head one window at a time, on
@@ -526,14 +526,22 @@ class Evaluator:
         try:
             with rt.loaded("head"):
                 for c in self._bar(label, len(windows)):
-                    window = windows[c]
                     with forward, torch.inference_mode():
                         h = states.get(slice(c, c + 1))[:, self.first:].to(rt.device, rt.dtype)
                         logits = rt.logits(h)[0, :-1].cpu()
-                    logq = torch.log_softmax(logits.double(), dim=-1)
-                    yield c, logits, logq, (-logq.gather(1, window[self.first + 1:, None]).squeeze(1)).numpy()
+                    yield c, logits
         finally:
             states.close()
+
+    def _log_probs(self, c: int, logits: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, np.ndarray]]:
+        """Window `c`'s scored positions in blocks (`_row_blocks`): (rows, their float64
+        log-softmax, the NLL of each one's true next token)."""
+        import torch
+
+        targets = self.windows[c, self.first + 1:]
+        for rows in _row_blocks(self.n_scored):
+            logq = torch.log_softmax(logits[rows].double(), dim=-1)
+            yield rows, logq, (-logq.gather(1, targets[rows, None]).squeeze(1)).numpy()
 
     # -- reference ---------------------------------------------------------------------------
 
@@ -588,10 +596,11 @@ class Evaluator:
             nll = np.zeros((self.n_chunks, self.n_scored), dtype=np.float64)
             top1 = np.zeros((self.n_chunks, self.n_scored), dtype=np.int32)
             forward = _Stopwatch()
-            for c, logits, logq, nll[c] in self._scored("reference", forward):
+            for c, logits in self._scored("reference", forward):
                 top1[c] = logits.argmax(dim=-1).numpy()
-                for rows in _row_blocks(self.n_scored):
-                    codes[c, rows], scale[c, rows] = _encode(logq[rows])
+                for rows, logq, row_nll in self._log_probs(c, logits):
+                    nll[c, rows] = row_nll
+                    codes[c, rows], scale[c, rows] = _encode(logq)
                 codes.flush()
                 _drop_pages(codes, c)
             codes.flush()
@@ -655,11 +664,12 @@ class Evaluator:
         nll = np.zeros((n_chunks, self.n_scored), dtype=np.float64)
         same = 0
         forward = _Stopwatch()
-        for c, logits, logq, nll[c] in self._scored(label, forward, n_chunks):
+        for c, logits in self._scored(label, forward, n_chunks):
             same += int((logits.argmax(dim=-1).numpy() == ref.top1[c]).sum())
-            for rows in _row_blocks(self.n_scored):
+            for rows, logq, row_nll in self._log_probs(c, logits):
+                nll[c, rows] = row_nll
                 logp = ref.logprobs(c, rows)
-                kld[c, rows] = (logp.exp() * (logp - logq[rows])).sum(dim=-1).numpy()
+                kld[c, rows] = (logp.exp() * (logp - logq)).sum(dim=-1).numpy()
             _drop_pages(ref.codes, c)
             del logq, logp, logits
         flat = kld.reshape(-1)
