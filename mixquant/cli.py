@@ -434,7 +434,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise MixquantError("--imatrix applies to --plan only (a GGUF file is already quantized)")
     imatrix = _read_imatrix_arg(args.imatrix)
     with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
-                   progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations) as ev:
+                   progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations, **_runtime(args)) as ev:
         _check_imatrix(imatrix, ev.source.model, args.imatrix)
         if args.gguf:
             result = ev.evaluate_gguf(args.gguf)
@@ -459,7 +459,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.plot:
         check_output(args.plot)
     with Evaluator(args.src, args.text, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
-                   progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations) as ev:
+                   progress=sys.stderr.isatty(), cpu_activations=args.cpu_activations, **_runtime(args)) as ev:
         _check_imatrix(imatrix, ev.source.model, args.imatrix)
         check_items(args.items, ev.source.model, imatrix)
         results = []

@@ -21,10 +21,14 @@ What is measured is what llama.cpp's `llama-perplexity` measures (llama.cpp 0c1e
 * top-1 ("Same top p") = fraction of scored tokens whose most likely next token is the same for
   the quantized model and the reference.
 
-The reference is the Hugging Face checkpoint run by transformers in float32. The quantized model is
-the *same* transformers model with every weight replaced in place by its dequantized value
+The reference is the Hugging Face checkpoint run by transformers in float32, through the streaming
+runtime (`mixquant.runtime`: one decoder block in memory at a time unless the whole model fits half
+of `max_memory`; every window through a block before the next one loads; the numbers are those of
+transformers' own forward, bit for bit). The quantized model is the *same* model run with another
+weight provider, every tensor read as its dequantized value when its block loads
 (`dequantize(quantize(w))` for a plan, the file's tensors for a GGUF), so a plan's numbers are those
-of the GGUF file `export.write_gguf` would write from it: the bytes are identical. llama.cpp
+of the GGUF file `export.write_gguf` would write from it: the bytes are identical, and a quantized
+model larger than RAM is evaluated the same way. llama.cpp
 computes the same function, but its CPU backend multiplies a quantized weight by activations that
 it first rounds to 8 bits per value (each weight type's `vec_dot_type`: Q8_0 blocks of 32 for
 Q4_0/Q5_0/Q8_0/IQ4_NL (Q8_1 for Q4_1/Q5_1, the same values), Q8_K blocks of 256 for the k-quants
@@ -50,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import sys
@@ -59,7 +64,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Union
 
 import gguf
 import numpy as np
@@ -75,6 +80,7 @@ if TYPE_CHECKING:
 
     from .calibrate import Imatrix
     from .plan import ModelInfo, Plan
+    from .runtime import StreamedModel
     from .source import Source
 
     # an importance matrix, or {GGUF name: importance vector}
@@ -104,6 +110,7 @@ _CACHE_VERSION = 2
 # the stored log-probs span at most this many nats below each position's most likely token
 _LOGPROB_SPAN = 40.0
 _CODE_MAX = 65535
+_ROWS = 32  # scored positions per block of log-prob arithmetic
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +124,8 @@ class EvalResult:
     bytes: the GGUF file's size, or for a plan its tensor data (no header/metadata);
     bits_per_weight: tensor data bits per weight in both cases (llama-quantize's BPW);
     tokens: scored tokens (chunks x (ctx - 1 - ctx//2)); tokens_per_s: tokens run through the
-    model (chunks x ctx) per second of forward passes.
+    model (chunks x ctx) per second of forward passes, reading (and for a plan quantizing) the
+    weights included: the runtime loads them during the pass.
     """
 
     label: str
@@ -190,6 +198,23 @@ def _percentile(values: np.ndarray, fraction: float) -> float:
         return float("nan")
     return float(np.percentile(values, 100.0 * fraction, method="linear"))
 
+
+
+def _row_blocks(n: int) -> Iterator[slice]:
+    """Scored positions in blocks of _ROWS: the float64 temporaries of a window's vocabulary-wide
+    arithmetic stay small (each row's result is the same as over the whole window)."""
+    return (slice(i, min(i + _ROWS, n)) for i in range(0, n, _ROWS))
+
+
+def _drop_pages(codes: np.memmap, chunk: int) -> None:
+    """Let one chunk's pages of the memory-mapped log-prob codes leave this process's RSS (mapped
+    file pages count in it, and a whole reference is 25 MB per 512-token chunk): each chunk is
+    written once by the reference pass and read once per evaluation. Written pages are flushed
+    first; the file keeps them."""
+    from .source import _release
+
+    per_chunk = codes[0].nbytes
+    _release(codes, codes.offset % mmap.ALLOCATIONGRANULARITY + chunk * per_chunk, per_chunk)
 
 
 def _encode(logp) -> tuple[np.ndarray, np.ndarray]:
@@ -273,13 +298,13 @@ class Reference:
     scale: np.ndarray  # (chunks, n_scored, 2) float64: (offset, step) of each position's codes
     meta: dict
 
-    def logprobs(self, chunk: int):
-        """The reference log-softmax of one chunk's scored positions, float64 torch (n_scored,
-        n_vocab), renormalized after decoding."""
+    def logprobs(self, chunk: int, rows: slice = slice(None)):
+        """The reference log-softmax of one chunk's scored positions (`rows` of them), float64 torch
+        (n_scored, n_vocab), renormalized after decoding."""
         import torch
 
-        codes = torch.from_numpy(np.asarray(self.codes[chunk]).astype(np.int32))
-        sc = torch.from_numpy(np.array(self.scale[chunk]))
+        codes = torch.from_numpy(np.asarray(self.codes[chunk, rows]).astype(np.int32))
+        sc = torch.from_numpy(np.array(self.scale[chunk, rows]))
         logp = sc[:, :1] + codes.double() * sc[:, 1:]
         return logp - torch.logsumexp(logp, dim=-1, keepdim=True)
 
@@ -325,13 +350,15 @@ class _Stopwatch:
 
 
 class Evaluator:
-    """One transformers model in memory, evaluated as the reference and then as quantized variants.
+    """One model, evaluated as the reference and then as quantized variants.
 
     src: a Hugging Face model folder (or an opened `Source` with one); text: the evaluation text
     file; ctx / chunks: as llama-perplexity's -c / --chunks (chunks None or < 0: all windows);
     threads: torch and quantization threads (default: torch's); cache: the folder that holds the
     cached references (default `cache_dir()/"eval"`); cpu_activations: round the inputs of every
-    matmul with a quantized weight as llama.cpp's CPU backend does (see the module docstring).
+    matmul with a quantized weight as llama.cpp's CPU backend does (see the module docstring);
+    max_memory / device / dtype: the runtime's budget (bytes or a size; None: what the machine has
+    free), device and compute precision (`mixquant.runtime.StreamedModel`).
     """
 
     def __init__(
@@ -345,6 +372,9 @@ class Evaluator:
         cache: str | os.PathLike[str] | None = None,
         progress: bool = True,
         cpu_activations: bool = False,
+        max_memory: int | str | None = None,
+        device: str | None = "cpu",
+        dtype: str | None = "float32",
     ):
         from .source import Source, open_source
 
@@ -368,6 +398,7 @@ class Evaluator:
         self.threads = threads
         self.progress = progress
         self.cpu_activations = bool(cpu_activations)
+        self.max_memory, self.device, self.dtype = max_memory, device or "cpu", dtype or "float32"
         self.cache_root = Path(cache).expanduser() if cache is not None else cache_dir() / "eval"
         self.first = self.ctx // 2
         self.n_scored = self.ctx - 1 - self.first
@@ -389,72 +420,72 @@ class Evaluator:
         self.windows = token_windows(self.tokenizer, read_text(self.text_path), self.ctx, chunks,
                                      add_bos=self.add_bos)
         self.n_chunks = int(self.windows.shape[0])
-        self._model = None
-        self._params: dict[str, Any] | None = None  # GGUF name -> torch parameter
-        self._dirty = False  # weights differ from the checkpoint's
+        self._model: StreamedModel | None = None
+        self._dirty = False  # the runtime reads other weights than the checkpoint's
         self._reference: Reference | None = None
 
     # -- the model ---------------------------------------------------------------------------
 
     @property
-    def model(self):
+    def runtime(self) -> StreamedModel:
+        """The model, run one unit at a time within the memory budget (built on first use)."""
         if self._model is None:
-            import torch
-            from transformers import AutoModelForCausalLM
+            from .runtime import StreamedModel
 
             try:
-                with quiet_transformers():
-                    model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32,
-                                                                 local_files_only=True, use_safetensors=True,
-                                                                 trust_remote_code=False)
-            except Exception as exc:  # noqa: BLE001
-                raise MixquantError(f"{self.folder}: transformers cannot load the model: {exc}") from None
-            model.eval()
-            self._model = model
-            self._params = self._map_parameters(model)
+                self._model = StreamedModel(self.source, device=self.device, dtype=self.dtype,
+                                            max_memory=self.max_memory)
+            except MixquantError as exc:
+                raise MixquantError(f"{self.folder}: {exc}") from None
         return self._model
 
     @property
-    def params(self) -> dict[str, Any]:
-        self.model  # noqa: B018 - loads
-        assert self._params is not None
-        return self._params
+    def model(self):
+        """The whole transformers model with the current weights in every module, for callers that
+        run it in one piece (mixquant.activations, tests); the weights must fit half the budget."""
+        from .runtime import format_size
 
-    def _map_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        """GGUF tensor name -> the transformers parameter holding it (tied ones appear once)."""
-        try:
-            return self.source.adapter.parameters(model, self.source.model)
-        except MixquantError as exc:
-            raise MixquantError(f"{self.folder}: {exc}") from None
+        rt = self.runtime
+        if not rt.resident:
+            raise MixquantError(f"running the whole model at once needs its weights ({format_size(rt.weight_bytes)}) "
+                                f"within half the memory budget ({format_size(rt.budget)})")
+        for unit in rt.units:
+            rt.load(unit)
+        return rt.model
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """GGUF tensor name -> the transformers parameter holding it (tied ones appear once), loaded."""
+        from .runtime.windows import gguf_parameters
+
+        self.model  # noqa: B018 - loads every unit
+        return gguf_parameters(self.runtime)
+
+    def linear_weights(self) -> dict[torch.nn.Linear, str]:
+        """Every nn.Linear of the model -> the GGUF weight it multiplies its input by. The modules
+        keep their identity while the runtime swaps weights in and out: hooks on them last."""
+        from .runtime.windows import linear_weights
+
+        return linear_weights(self.runtime)
 
     def _to_hf(self, name: str, x: np.ndarray) -> np.ndarray:
         """A tensor in GGUF orientation and values -> the transformers parameter's (the adapter's
         inverse of the conversion: q/k rows un-permuted, Gemma's norm shift taken off)."""
         return self.source.adapter.from_gguf(name, x, self.source.model)
 
-    def _set(self, name: str, x: np.ndarray) -> None:
-        import torch
-
-        p = self.params[name]
-        x = self._to_hf(name, np.ascontiguousarray(x, dtype=np.float32))
-        if tuple(x.shape) != tuple(p.shape):
-            raise MixquantError(f"tensor {name}: shape {tuple(x.shape)} does not fit the model's {tuple(p.shape)}")
-        with torch.no_grad():
-            p.data.copy_(torch.from_numpy(x))
+    def _use_weights(self, weights: Callable[[str], np.ndarray] | None) -> None:
+        """Run the model with another weight provider (GGUF name -> float32 values in GGUF
+        orientation; None: the checkpoint's own)."""
+        self.runtime.set_weights(weights)
+        self._dirty = weights is not None
 
     @contextmanager
     def _activation_hooks(self, types: dict[str, str]) -> Iterator[None]:
         """With cpu_activations: round each Linear's input for its weight's type while inside."""
-        import torch
-
         hooks = []
         if self.cpu_activations:
-            by_param = {id(p): name for name, p in self.params.items()}
-            for module in self.model.modules():
-                if not isinstance(module, torch.nn.Linear):
-                    continue
-                name = by_param.get(id(module.weight))
-                kind = activation_type(types.get(name, "F32")) if name else None
+            for module, name in self.linear_weights().items():
+                kind = activation_type(types.get(name, "F32"))
                 if kind is None:
                     continue
                 hooks.append(module.register_forward_pre_hook(
@@ -466,22 +497,11 @@ class Evaluator:
                 h.remove()
 
     def restore(self) -> None:
-        """Put the checkpoint's own float32 weights back."""
-        if not self._dirty:
-            return
-        for name in self.params:
-            self._set(name, self.source.tensor(name))
-        self._dirty = False
+        """Run the checkpoint's own float32 weights again."""
+        if self._dirty:
+            self._use_weights(None)
 
     # -- forward passes ----------------------------------------------------------------------
-
-    def _logits(self, window: torch.Tensor) -> torch.Tensor:
-        """float32 logits (n_scored, n_vocab) at positions first .. ctx-2 of one window."""
-        import torch
-
-        with torch.inference_mode():
-            out = self.model(input_ids=window[None], use_cache=False, logits_to_keep=self.ctx - self.first)
-        return out.logits[0, :-1].float()
 
     def _bar(self, desc: str, chunks: int | None = None):
         from tqdm import tqdm
@@ -490,15 +510,38 @@ class Evaluator:
                     disable=not self.progress, file=sys.stderr)
 
     def _scored(self, label: str, forward: "_Stopwatch", chunks: int | None = None):
-        """Per window: (index, logits, log-softmax, NLL of each scored token); times the forward passes."""
+        """Per window: (index, float32 logits of the scored positions); times the forward passes.
+
+        Block-major through the runtime: every window through the embedding and each block in turn
+        (`runtime.windows.run_windows`), then the final norm and head one window at a time, on
+        positions first .. ctx-1 (the last one predicts nothing and is dropped)."""
         import torch
 
-        for c in self._bar(label, chunks):
-            window = self.windows[c]
-            with forward:
-                logits = self._logits(window)
-            logq = torch.log_softmax(logits.double(), dim=-1)
-            yield c, logits, logq, (-logq.gather(1, window[self.first + 1:, None]).squeeze(1)).numpy()
+        from .runtime.windows import run_windows
+
+        rt = self.runtime
+        windows = self.windows[: chunks or self.n_chunks]
+        with forward:
+            states = run_windows(rt, windows, desc=f"{label}: blocks", progress=self.progress)
+        try:
+            with rt.loaded("head"):
+                for c in self._bar(label, len(windows)):
+                    with forward, torch.inference_mode():
+                        h = states.get(slice(c, c + 1))[:, self.first:].to(rt.device, rt.dtype)
+                        logits = rt.logits(h)[0, :-1].cpu()
+                    yield c, logits
+        finally:
+            states.close()
+
+    def _log_probs(self, c: int, logits: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, np.ndarray]]:
+        """Window `c`'s scored positions in blocks (`_row_blocks`): (rows, their float64
+        log-softmax, the NLL of each one's true next token)."""
+        import torch
+
+        targets = self.windows[c, self.first + 1:]
+        for rows in _row_blocks(self.n_scored):
+            logq = torch.log_softmax(logits[rows].double(), dim=-1)
+            yield rows, logq, (-logq.gather(1, targets[rows, None]).squeeze(1)).numpy()
 
     # -- reference ---------------------------------------------------------------------------
 
@@ -511,6 +554,7 @@ class Evaluator:
             "version": _CACHE_VERSION,
             "transformers": transformers.__version__,
             "ctx": self.ctx,
+            **({} if self.dtype == "float32" else {"dtype": self.dtype}),
             "files": [[f.name, _file_digest(Path(f), self.cache_root / "file-digests.json")] for f in files],
         }, sort_keys=True).encode())
         h.update(np.ascontiguousarray(self.windows.numpy(), dtype=np.int64).tobytes())
@@ -536,8 +580,7 @@ class Evaluator:
 
     def _compute_reference(self, folder: Path) -> Reference:
         self.restore()
-        model = self.model
-        n_vocab = int(model.config.vocab_size)
+        n_vocab = int(self.runtime.model.config.vocab_size)
         folder.parent.mkdir(parents=True, exist_ok=True)
         # an unpredictable name, created exclusively (as mixquant.files does for files)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
@@ -553,9 +596,13 @@ class Evaluator:
             nll = np.zeros((self.n_chunks, self.n_scored), dtype=np.float64)
             top1 = np.zeros((self.n_chunks, self.n_scored), dtype=np.int32)
             forward = _Stopwatch()
-            for c, logits, logq, nll[c] in self._scored("reference", forward):
+            for c, logits in self._scored("reference", forward):
                 top1[c] = logits.argmax(dim=-1).numpy()
-                codes[c], scale[c] = _encode(logq)
+                for rows, logq, row_nll in self._log_probs(c, logits):
+                    nll[c, rows] = row_nll
+                    codes[c, rows], scale[c, rows] = _encode(logq)
+                codes.flush()
+                _drop_pages(codes, c)
             codes.flush()
             del codes
             np.save(tmp / "scale.npy", scale)
@@ -570,6 +617,7 @@ class Evaluator:
                 "n_scored": self.n_scored,
                 "n_vocab": n_vocab,
                 "add_bos": self.add_bos,
+                "dtype": self.dtype,
                 "ppl": float(math.exp(nll.mean())),
                 "tokens_per_s": forward.rate(self.n_chunks * self.ctx),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -616,10 +664,13 @@ class Evaluator:
         nll = np.zeros((n_chunks, self.n_scored), dtype=np.float64)
         same = 0
         forward = _Stopwatch()
-        for c, logits, logq, nll[c] in self._scored(label, forward, n_chunks):
+        for c, logits in self._scored(label, forward, n_chunks):
             same += int((logits.argmax(dim=-1).numpy() == ref.top1[c]).sum())
-            logp = ref.logprobs(c)
-            kld[c] = (logp.exp() * (logp - logq)).sum(dim=-1).numpy()
+            for rows, logq, row_nll in self._log_probs(c, logits):
+                nll[c, rows] = row_nll
+                logp = ref.logprobs(c, rows)
+                kld[c, rows] = (logp.exp() * (logp - logq)).sum(dim=-1).numpy()
+            _drop_pages(ref.codes, c)
             del logq, logp, logits
         flat = kld.reshape(-1)
         return EvalResult(
@@ -664,12 +715,11 @@ class Evaluator:
 
         self.reference()  # before the weights change
         nbytes = n_el = 0
-        self._dirty = True
+        codecs = {}
         for t in info.tensors:
-            typ = types[t.name]
             rows, cols = (math.prod(t.shape[:-1]) if len(t.shape) > 1 else 1), t.shape[-1]
             try:
-                codec = formats.get(typ)
+                codec = formats.get(types[t.name])
             except ValueError as exc:
                 raise MixquantError(f"tensor {t.name}: {exc}") from None
             if cols % codec.block_size:
@@ -677,35 +727,46 @@ class Evaluator:
                                     f"of {codec.block_size}, but its rows have {cols} values")
             nbytes += formats.quantized_size(codec.name, (rows, cols))
             n_el += rows * cols
-            if t.name not in self.params:
-                continue  # derived from config.json (rope_freqs): transformers computes it itself
-            w = self.source.tensor(t.name)
-            if codec.name != "F32":
-                try:
-                    data = formats.quantize(w.reshape(rows, cols), codec.name,
-                                            importance=_importance(imatrix, t.name), threads=threads)
-                    w = formats.dequantize(data, codec.name, (rows, cols)).reshape(t.shape)
-                except ValueError as exc:
-                    raise MixquantError(f"tensor {t.name}: cannot quantize to {codec.name}: {exc}") from None
-            self._set(t.name, w)
+            codecs[t.name] = codec.name
+
+        def roundtripped(name: str) -> np.ndarray:
+            """The checkpoint's tensor through the plan's codec and back, computed when its unit loads."""
+            w = self.source.tensor(name)
+            if codecs[name] == "F32":
+                return w
+            shape = w.shape
+            rows, cols = (math.prod(shape[:-1]) if len(shape) > 1 else 1), shape[-1]
+            try:
+                data = formats.quantize(w.reshape(rows, cols), codecs[name], importance=_importance(imatrix, name),
+                                        threads=threads)
+                del w  # one float32 copy at a time: the largest unit's load stays within its working share
+                return formats.dequantize(data, codecs[name], (rows, cols)).reshape(shape)
+            except ValueError as exc:
+                raise MixquantError(f"tensor {name}: cannot quantize to {codecs[name]}: {exc}") from None
+
+        self._use_weights(roundtripped)
         return self._score(label, "plan", nbytes, 8.0 * nbytes / n_el if n_el else 0.0, started, types)
 
     def evaluate_gguf(self, path: str | os.PathLike[str], label: str | None = None) -> EvalResult:
-        """Load every tensor of a GGUF file (dequantized) into the model and evaluate it."""
+        """Evaluate the model with a GGUF file's tensors (dequantized one at a time as their unit loads)."""
         started = time.perf_counter()
         path = Path(path).expanduser()
         label = label or path.name
         tensors, reader = _open_gguf(path)
         self._check_gguf(path, reader, tensors)
         self.reference()
-        self._dirty = True
-        tensor_bytes = n_el = 0
-        for name, t in tensors.items():
-            tensor_bytes += int(t.n_bytes)
-            n_el += int(t.n_elements)
-            if name in self.source.adapter.derived:
-                continue
-            self._set(name, _dequantize(path, t))
+        tensor_bytes = sum(int(t.n_bytes) for t in tensors.values())
+        n_el = sum(int(t.n_elements) for t in tensors.values())
+
+        def dequantized(name: str) -> np.ndarray:
+            from .source import _release
+
+            t = tensors[name]
+            x = _dequantize(path, t)
+            _release(reader.data, int(t.data_offset), int(t.n_bytes))  # the file's pages leave RSS
+            return x
+
+        self._use_weights(dequantized)
         types = {name: t.tensor_type.name for name, t in tensors.items()}
         return self._score(label, "gguf", path.stat().st_size, 8.0 * tensor_bytes / n_el if n_el else 0.0,
                            started, types)
@@ -731,7 +792,9 @@ class Evaluator:
             v = v[0] if isinstance(v, list) else v
             if int(v) != int(want):
                 raise MixquantError(f"{path}: {arch}.{key} is {v} but the model has {want}; not this model's GGUF")
-        want_shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        from .runtime.windows import gguf_parameters
+
+        want_shapes = {n: tuple(p.shape) for n, p in gguf_parameters(self.runtime).items()}
         missing = sorted(set(want_shapes) - set(tensors))
         extra = sorted(set(tensors) - set(want_shapes) - self.source.adapter.derived)
         if missing or extra:
@@ -752,8 +815,9 @@ class Evaluator:
                           "would cut the text differently", stacklevel=3)
 
     def close(self) -> None:
+        if self._model is not None:
+            self._model.close()
         self._model = None
-        self._params = None
         self._reference = None
 
     def __enter__(self) -> "Evaluator":
@@ -838,12 +902,14 @@ def check_items(items: Iterable[str], model_info: ModelInfo, imatrix: Importance
 def evaluate(src: ModelRef, text: str | os.PathLike[str], *, gguf_path: str | os.PathLike[str] | None = None,
              plan: Plan | Mapping[str, str] | str | None = None, imatrix: Importance | None = None,
              ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
-             threads: int | None = None, progress: bool = True, cpu_activations: bool = False) -> EvalResult:
-    """Evaluate one GGUF file or one plan against the float32 model (reference cached)."""
+             threads: int | None = None, progress: bool = True, cpu_activations: bool = False,
+             **runtime: Any) -> EvalResult:
+    """Evaluate one GGUF file or one plan against the float32 model (reference cached); runtime:
+    the Evaluator's max_memory / device / dtype."""
     if (gguf_path is None) == (plan is None):
         raise MixquantError("give exactly one of a GGUF file or a plan to evaluate")
     with Evaluator(src, text, ctx=ctx, chunks=chunks, threads=threads, progress=progress,
-                   cpu_activations=cpu_activations) as ev:
+                   cpu_activations=cpu_activations, **runtime) as ev:
         if gguf_path is not None:
             return ev.evaluate_gguf(gguf_path)
         return ev.evaluate_plan(plan, imatrix=imatrix)
@@ -851,11 +917,12 @@ def evaluate(src: ModelRef, text: str | os.PathLike[str], *, gguf_path: str | os
 
 def compare(src: ModelRef, items: Iterable[str], text: str | os.PathLike[str], *, imatrix: Importance | None = None,
             ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS, threads: int | None = None,
-            progress: bool = True, cpu_activations: bool = False) -> list[EvalResult]:
-    """Evaluate each item (a GGUF path or a preset/type name) against the same cached reference."""
+            progress: bool = True, cpu_activations: bool = False, **runtime: Any) -> list[EvalResult]:
+    """Evaluate each item (a GGUF path or a preset/type name) against the same cached reference;
+    runtime: the Evaluator's max_memory / device / dtype."""
     items = list(items)
     with Evaluator(src, text, ctx=ctx, chunks=chunks, threads=threads, progress=progress,
-                   cpu_activations=cpu_activations) as ev:
+                   cpu_activations=cpu_activations, **runtime) as ev:
         check_items(items, ev.source.model, imatrix)
         return [ev.evaluate_item(item, imatrix=imatrix) for item in items]
 

@@ -160,8 +160,10 @@ _BPE_PRE: dict[str, str] = {
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) to float32, exactly."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    """bfloat16 bit patterns (uint16) to float32, exactly (shifted in place: one float32 copy)."""
+    bits = raw.astype(np.uint32)
+    bits <<= 16
+    return bits.view(np.float32)
 
 
 def _release(mapped: np.memmap, start: int, nbytes: int) -> None:

@@ -1,8 +1,8 @@
 """Forward pre-hooks on every decoder linear's input: calibrate static ranges, then run the model
 with the inputs (and, for W8A8 schemes, the weights) fake-quantized.
 
-The model is the `evaluate.Evaluator`'s transformers model (loaded once, float32), so every
-result is scored against its cached float32 reference. Weights are never copied: a scheme that
+The model is the `evaluate.Evaluator`'s transformers model (`ev.model`: every unit of its runtime
+loaded, float32), so every result is scored against its cached float32 reference. Weights are never copied: a scheme that
 changes them (SmoothQuant's column scales, int8 or Q8_0 rounding) registers a
 `torch.nn.utils.parametrize` parametrization that recomputes the weight in each forward pass and
 is removed afterwards, leaving the original parameter untouched.
@@ -92,11 +92,11 @@ class ActivationRunner:
         self.bits = bits
         self.levels = sc.qmax(bits)
         model = ev.model
-        by_param = {id(p): name for name, p in ev.params.items()}
+        weight_of = ev.linear_weights()
         self.sites: list[Site] = []
         for module in model.get_decoder().modules():
             if isinstance(module, torch.nn.Linear):
-                name = by_param.get(id(module.weight))
+                name = weight_of.get(module)
                 key = input_of(name) if name else None
                 if key is not None and key != "output_in":
                     self.sites.append(Site(module, name, key))
