@@ -23,8 +23,10 @@ def parse_size(text: str, flag: str = "size") -> int:
 
 
 def format_size(n: float) -> str:
-    """Bytes as MiB or GiB, for messages."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
+    """Bytes as KiB, MiB or GiB, for messages."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
 
 
 def available_memory() -> int:
