@@ -139,9 +139,9 @@ def _text_file(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # peak memory of a streamed calibration of a model larger than its budget
 
-# What the process holds besides the budget (issue #10's aim: under 700 MB): Python, torch, transformers
+# What the process holds besides the budget (issue #10's aim: under 700 MB; here MiB): Python, torch, transformers
 # and the tokenizer (about 400 MB), and while a unit loads, its float32 conversion from the mapped bf16
-# file (about half a unit more than the budget's unit + working memory). Measured: 555 MB for this
+# file (about half a unit more than the budget's unit + working memory). Measured: 555 MiB for this
 # model (largest unit: the 201 MB token embedding); a resident run would add the whole 888 MB model.
 OVERHEAD_MB = 700
 
