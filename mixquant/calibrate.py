@@ -65,7 +65,7 @@ import numpy as np
 
 from .arch import BLOCK_INPUTS, for_gguf_arch
 from .errors import MixquantError
-from .hessians import DEFAULT_BUDGET_BYTES, Hessians, check_budget, model_shape
+from .hessians import DEFAULT_BUDGET_BYTES, Hessians, check_budget, hessian_bytes, model_shape
 from .text import read_bytes, read_json, write_json
 
 if TYPE_CHECKING:
@@ -486,10 +486,18 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
               progress: bool = True, dataset: str | None = None, process_output: bool = False,
               activations: bool = True, output_importance: bool = False, add_bos: bool | None = None,
               kv_f16: bool = True, n_batch: int = 2048, n_ubatch: int = 512, hessians: bool = False,
-              hessian_budget: int = DEFAULT_BUDGET_BYTES) -> Calibration:
-    """One pass of the Hugging Face model in float32 (transformers) over the calibration windows,
-    one window at a time: the imatrix llama-imatrix computes with `-f <text> -c ctx --chunks chunks`
-    and, with `activations`, the activation statistics (see the module docstring).
+              hessian_budget: int = DEFAULT_BUDGET_BYTES, max_memory: int | str | None = None,
+              device: str | None = "cpu", dtype: str | None = "float32") -> Calibration:
+    """One pass of the Hugging Face model (transformers, float32 by default) over the calibration
+    windows: the imatrix llama-imatrix computes with `-f <text> -c ctx --chunks chunks` and, with
+    `activations`, the activation statistics (see the module docstring).
+
+    The pass runs block by block through `mixquant.runtime.StreamedModel`: all windows are embedded,
+    then each decoder block is loaded once and runs every window (as many per call as the budget's
+    working memory holds), the hidden states between blocks kept in a `HiddenStates` (spilled to a
+    temporary file beyond their share of the budget); the final norm gives the output layer's input.
+    The hooks see one window at a time, in window order, so the sums, statistics and Hessians are
+    those of a window-by-window pass of the whole model.
 
     text: the calibration text itself (`mixquant.text.read_text(path)` reads a file as `-f` does).
     dataset: recorded in `imatrix.datasets` (llama-imatrix records the `-f` file name).
@@ -506,21 +514,39 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         micro-batches too small to be collected (`imatrix_token_mask`).
     hessians: also accumulate H = sum x x^T (float64) per distinct linear input over the imatrix's
         tokens (`mixquant.hessians`); refused, naming the size, above `hessian_budget` bytes.
+    max_memory, device, dtype: the runtime's budget (bytes or a size string; None: what the machine
+        has free), where and in which precision the forward pass runs (`StreamedModel`); a budget
+        smaller than one unit of the model needs is refused, naming the minimum.
     """
-    import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .source import open_source, quiet_transformers
-    from .text import token_windows
+    from .runtime import StreamedModel
+    from .source import open_source
 
     hf_folder = Path(hf_folder)
     source = open_source(hf_folder)
-    if source.kind != "hf":
-        raise MixquantError(f"{hf_folder}: calibration needs a Hugging Face model folder")
-    info, adapter = source.model, source.adapter
-    source.close()
+    try:
+        if source.kind != "hf":
+            raise MixquantError(f"{hf_folder}: calibration needs a Hugging Face model folder")
+        with StreamedModel(source, device=device, dtype=dtype, max_memory=max_memory) as sm:
+            return _calibrate(sm, text, ctx, chunks, progress=progress, dataset=dataset, process_output=process_output,
+                              activations=activations, output_importance=output_importance, add_bos=add_bos,
+                              kv_f16=kv_f16, n_batch=n_batch, n_ubatch=n_ubatch, hessians=hessians,
+                              hessian_budget=hessian_budget)
+    finally:
+        source.close()
 
+
+def _calibrate(sm: Any, text: str, ctx: int, chunks: int | None, *, progress: bool, dataset: str | None,
+               process_output: bool, activations: bool, output_importance: bool, add_bos: bool | None,
+               kv_f16: bool, n_batch: int, n_ubatch: int, hessians: bool, hessian_budget: int) -> Calibration:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from .runtime import HiddenStates, format_size
+    from .runtime.memory import trim_heap
+    from .text import token_windows
+
+    hf_folder, info, adapter, model = sm.source.hf_folder, sm.info, sm.adapter, sm.model
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_folder, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - tokenizer libraries raise anything
@@ -530,16 +556,10 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
     except MixquantError as exc:
         raise MixquantError(f"{dataset}: {exc}" if dataset else str(exc)) from None
     n_chunk = windows.shape[0]
-    mask = imatrix_token_mask(n_chunk, ctx, n_batch, n_ubatch)
+    mask = torch.from_numpy(imatrix_token_mask(n_chunk, ctx, n_batch, n_ubatch)).to(sm.device)
+    if kv_f16:
+        model.set_attn_implementation(_f16_kv_attention())
 
-    try:
-        extra = {"attn_implementation": _f16_kv_attention()} if kv_f16 else {}
-        with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, local_files_only=True,
-                                                         use_safetensors=True, trust_remote_code=False, **extra)
-    except Exception as exc:  # noqa: BLE001
-        raise MixquantError(f"{hf_folder}: transformers cannot load the model: {exc}") from None
-    model.eval()
     names = adapter.linear_modules(model, info.n_layer)
     shapes = {t.name: t.shape for t in info.tensors}
     collect = {m: n for m, n in names.items() if n.startswith("blk.")}
@@ -547,13 +567,12 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
     if output_importance or (process_output and not info.tied_output):
         output_name = "token_embd.weight" if info.tied_output else "output.weight"
     modules = dict(model.named_modules())
-    # The output layer's input is the decoder's output, so the logits are never needed.
-    decoder = model.get_decoder()
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     expert_counts: dict[str, torch.Tensor] = {}
-    state = {"rows": None}  # the token mask of the window being run, as a torch bool tensor
+    # the windows of the block call being run: their number and, per window, its token mask (None: all)
+    state: dict[str, Any] = {"windows": 1, "rows": [None]}
     # input key -> (first module reading it, columns): q/k/v (gate/up) share one input, summed once
     hess_inputs: dict[str, tuple[str, int]] = {}
     if hessians:
@@ -569,8 +588,13 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
     hess_rows: dict[str, int] = {}
     streams: dict[str, StreamingStats] = {}
 
-    def accumulate(gguf_name: str, x: torch.Tensor) -> None:
-        rows = state["rows"]
+    def per_window(x: torch.Tensor) -> list[torch.Tensor]:
+        """A block call's activation (windows x tokens, ...) as one float32 (tokens, cols) tensor per
+        window, on a device with float64 (the sums' precision)."""
+        x = x.reshape(state["windows"], -1, x.shape[-1])
+        return list((x if x.device.type in ("cpu", "cuda") else x.cpu()).float().unbind(0))
+
+    def accumulate(gguf_name: str, x: torch.Tensor, rows: torch.Tensor | None) -> None:
         if rows is not None:
             x = x[rows]
         # x*x rounded to float32 as llama.cpp does, summed in float64 (llama.cpp sums in float32;
@@ -594,7 +618,7 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
 
     def observe(key: str | None, x: torch.Tensor) -> None:
         if key is not None:  # all tokens: the statistics ignore the imatrix's token mask
-            streams[key].add(x.reshape(-1, x.shape[-1]).numpy())
+            streams[key].add(x.reshape(-1, x.shape[-1]).cpu().numpy())
 
     def stream(key: str | None) -> str | None:
         """`key` if it is new (q/k/v, gate/up read one tensor: observe it once), else None."""
@@ -607,9 +631,9 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
         key = stream(adapter.input_of(gguf_name))
 
         def hook(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            observe(key, x)
-            accumulate(gguf_name, x)
+            for x, rows in zip(per_window(args[0]), state["rows"]):
+                observe(key, x)
+                accumulate(gguf_name, x, rows)
         return hook
 
     def expert_hook(layer: int):
@@ -627,72 +651,103 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
             else:
                 sums[name], expert_counts[name] = x2, count.clone()
 
-        def hook(module, args, kwargs):
-            x, top_k = adapter.routed_tokens(module, args, kwargs)
+        def window(module, x: torch.Tensor, top_k: torch.Tensor) -> None:
             experts = top_k.reshape(-1)  # the expert of each (token, slot) pair, token-major
-            token = torch.arange(x.shape[0]).repeat_interleave(top_k.shape[1])
+            token = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k.shape[1])
             count = torch.bincount(experts, minlength=n_expert)
-            x2 = torch.zeros(n_expert, x.shape[1], dtype=torch.float64)
+            x2 = torch.zeros(n_expert, x.shape[1], dtype=torch.float64, device=x.device)
             x_sq = (x * x).to(torch.float64)
             for slot in range(top_k.shape[1]):  # each token's k-th expert: no (tokens x k, n_embd) copy
                 x2.index_add_(0, top_k[:, slot], x_sq)
             for name in gate_up:
                 add(name, x2.clone(), count)
-            h2 = torch.zeros(n_expert, shapes[down][-1], dtype=torch.float64)
+            h2 = torch.zeros(n_expert, shapes[down][-1], dtype=torch.float64, device=x.device)
             for e in torch.nonzero(count).reshape(-1).tolist():
-                h = adapter.expert_hidden(module, e, x[token[experts == e]])
+                h = adapter.expert_hidden(module, e, x[token[experts == e]].to(sm.dtype)).float()
                 observe(key, h)
                 h2[e] = torch.sum(h * h, dim=0, dtype=torch.float64)
             add(down, h2, count)
+
+        def hook(module, args, kwargs):
+            x, top_k = adapter.routed_tokens(module, args, kwargs)
+            for xw, top_w in zip(per_window(x), top_k.to(x.device).reshape(state["windows"], -1, top_k.shape[-1])):
+                window(module, xw, top_w)
         return hook
 
     def residual_hook(key: str | None):
-        return lambda _module, _args, out: observe(key, out[0] if isinstance(out, tuple) else out)
-
-    def output_hook(key: str | None):
         def hook(_module, _args, out):
-            x = out[0].reshape(-1, out[0].shape[-1])  # BaseModelOutputWithPast: last_hidden_state
-            observe(key, x)
-            if output_name:
-                accumulate(output_name, x)
+            for x in per_window(out[0] if isinstance(out, tuple) else out):
+                observe(key, x)
         return hook
 
     hooks = [modules[m].register_forward_pre_hook(linear_hook(n)) for m, n in collect.items()]
     hooks += [modules[m].register_forward_pre_hook(expert_hook(layer), with_kwargs=True)
               for m, layer in adapter.expert_modules(model, info.n_layer).items()]
     hooks += [layer.register_forward_hook(residual_hook(stream(f"blk.{i}.residual")))
-              for i, layer in enumerate(decoder.layers)] if activations else []
-    if activations or output_name:
-        hooks.append(decoder.register_forward_hook(output_hook(stream("output_in"))))
+              for i, layer in enumerate(sm.layers)] if activations else []
+    output_key = stream("output_in")
+
+    # The budget: the weights held (all when resident, else the largest unit) and the Hessians'
+    # sums; of the rest, half may hold the hidden states in RAM, the rest is the blocks' working memory.
+    held = sm.weight_bytes if sm.resident else max(sm.unit_bytes.values())
+    free = max(0, sm.budget - held - hessian_bytes({k: c for k, (_, c) in hess_inputs.items()}))
+    states = HiddenStates((n_chunk, ctx, info.n_embd), allowance=free // 2)
+    step = min(n_chunk, sm.windows_per_pass(ctx, free - (0 if states.spilled else states.nbytes)))
+    groups = [slice(i, min(i + step, n_chunk)) for i in range(0, n_chunk, step)]
+    position_ids = torch.arange(ctx, device=sm.device)[None]
+    block_kwargs: dict[int, list[dict[str, Any]]] = {}  # per number of windows in a call
+
+    def run(rows: slice) -> torch.Tensor:
+        """Set the hooks' windows to `rows` and return their hidden states, ready for a unit."""
+        state["windows"] = rows.stop - rows.start
+        state["rows"] = [None if bool(m.all()) else m for m in mask[rows]]
+        return states.get(rows).to(sm.device, sm.dtype)
 
     label = "calibrate" if activations else "imatrix"
+    units = sm.units if activations or output_name else sm.units[:-1]  # the head: the output layer's input
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            bar = tqdm(range(n_chunk), desc=label, unit="chunk", disable=not progress)
-            for i in bar:
-                row_mask = torch.from_numpy(mask[i])
-                state["rows"] = None if bool(row_mask.all()) else row_mask
-                decoder(input_ids=windows[i : i + 1], use_cache=False)
+            bar = tqdm(units, desc=label, unit="block", disable=not progress)
+            for unit in bar:
+                with sm.loaded(unit) as parts:
+                    for rows in groups:
+                        if unit == "embed":
+                            states.set(rows, parts[0](windows[rows].to(sm.device)))
+                        elif unit == "head":  # the final norm's output is the output layer's input
+                            h = sm.modules_of("head")[0](run(rows))
+                            for x, mask_rows in zip(per_window(h), state["rows"]):
+                                observe(output_key, x)
+                                if output_name:
+                                    accumulate(output_name, x, mask_rows)
+                        else:
+                            i = int(unit.removeprefix("blk."))
+                            h = run(rows)
+                            if h.shape[0] not in block_kwargs:
+                                block_kwargs[h.shape[0]] = sm.block_kwargs(h, position_ids)
+                            states.set(rows, sm.layer(i, h, block_kwargs[h.shape[0]][i]))
+                trim_heap()  # the unit's freed weights and activations, back to the system
                 elapsed = time.perf_counter() - start
-                bar.set_postfix_str(f"{(i + 1) * ctx / elapsed:.0f} tokens/s")
+                bar.set_postfix_str(f"{n_chunk * ctx * (bar.n + 1) / len(units) / elapsed:.0f} tokens/s")
     finally:
         for h in hooks:
             h.remove()
+        states.close()
     elapsed = time.perf_counter() - start
     if progress:
+        where = "" if sm.resident else f", streamed within {format_size(sm.budget)}"
         print(f"{label}: {n_chunk} chunks x {ctx} tokens, {len(sums)} tensors, {elapsed:.1f} s "
-              f"({n_chunk * ctx / max(elapsed, 1e-9):.0f} tokens/s)", file=sys.stderr)
+              f"({n_chunk * ctx / max(elapsed, 1e-9):.0f} tokens/s{where})", file=sys.stderr)
     if n_chunk and not sums:
         raise MixquantError(f"{hf_folder}: no linear layer of the model maps to a GGUF blk.* weight")
 
     out_sums = {}
     for name, s in sums.items():
-        v = s.numpy().astype(np.float32)
+        v = s.cpu().numpy().astype(np.float32)
         if not np.isfinite(v).all():
             raise MixquantError(f"{hf_folder}: non-finite activations entering {name}")
         out_sums[name] = v
-    per_expert = {name: c.numpy() for name, c in expert_counts.items()}
+    per_expert = {name: c.cpu().numpy() for name, c in expert_counts.items()}
     counts.update({name: int(c.max()) for name, c in per_expert.items()})
     max_count = max(counts.values(), default=0)
     imatrix = Imatrix(sums=out_sums, counts=counts, chunks=max_count // ctx,
@@ -703,18 +758,19 @@ def calibrate(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | No
                                        if streams[k].rows}, chunks=n_chunk, ctx=ctx, tokens=n_chunk * ctx)
     hess = None
     if hessians:
-        hess = Hessians(model=model_shape(info), rows=hess_rows, sums={k: v.numpy() for k, v in hess_sums.items()})
+        hess = Hessians(model=model_shape(info), rows=hess_rows, sums={k: v.cpu().numpy() for k, v in hess_sums.items()})
     return Calibration(imatrix=imatrix, activations=stats, hessians=hess)
 
 
 def compute_imatrix(hf_folder: str | Path, text: str, ctx: int = 512, chunks: int | None = None,
                     progress: bool = True, *, dataset: str | None = None, process_output: bool = False,
                     add_bos: bool | None = None, kv_f16: bool = True, n_batch: int = 2048,
-                    n_ubatch: int = 512) -> Imatrix:
+                    n_ubatch: int = 512, max_memory: int | str | None = None, device: str | None = "cpu",
+                    dtype: str | None = "float32") -> Imatrix:
     """The imatrix alone: `calibrate(...)` without the activation statistics (see there)."""
     return calibrate(hf_folder, text, ctx, chunks, progress=progress, dataset=dataset,
                      process_output=process_output, activations=False, add_bos=add_bos, kv_f16=kv_f16,
-                     n_batch=n_batch, n_ubatch=n_ubatch).imatrix
+                     n_batch=n_batch, n_ubatch=n_ubatch, max_memory=max_memory, device=device, dtype=dtype).imatrix
 
 
 # --------------------------------------------------------------------------------------------

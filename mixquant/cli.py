@@ -308,7 +308,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         else:
             cal = calibrate(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=progress,
                             dataset=str(text), output_importance=not args.no_output_importance,
-                            hessians=not args.no_hessians)
+                            hessians=not args.no_hessians, **_runtime(args))
             write_imatrix(cal.imatrix, saved[0])
             if cal.hessians is not None:
                 cal.hessians.save(out / "hessians.safetensors")
@@ -364,11 +364,13 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     if args.hessians:
         check_output(args.hessians, [folder, text, args.output])
         cal = calibrate(folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=sys.stderr.isatty(),
-                        dataset=str(text), process_output=args.process_output, activations=False, hessians=True)
+                        dataset=str(text), process_output=args.process_output, activations=False, hessians=True,
+                        **_runtime(args))
         imatrix = cal.imatrix
     else:
         imatrix = compute_imatrix(folder, read_text(text), ctx=args.ctx, chunks=args.chunks,
-                                  progress=sys.stderr.isatty(), dataset=str(text), process_output=args.process_output)
+                                  progress=sys.stderr.isatty(), dataset=str(text), process_output=args.process_output,
+                                  **_runtime(args))
     path = write_imatrix(imatrix, args.output)
     print(f"{path}: {len(imatrix.names)} tensors, {imatrix.chunks} chunks of {args.ctx} tokens")
     if args.hessians:

@@ -151,6 +151,20 @@ class StreamedModel:
         """Bytes of all weights in the compute dtype (a tied output counted once per unit using it)."""
         return sum(self.unit_bytes.values())
 
+    def activation_bytes(self, n_tokens: int) -> int:
+        """A decoder block's working memory for one sequence of `n_tokens` (an upper estimate, float32):
+        every linear layer's output of the widest block, a few copies of the residual stream, and the
+        attention scores and probabilities (n_head x n_tokens^2 each)."""
+        widths = max(sum(t.shape[-2] for t in self.info.tensors if t.name.startswith(f"blk.{i}.") and len(t.shape) >= 2)
+                     for i in range(self.n_layer))
+        return 4 * n_tokens * (widths + 6 * self.info.n_embd + 2 * self.info.n_head * n_tokens)
+
+    def windows_per_pass(self, n_tokens: int, allowance: int) -> int:
+        """How many sequences of `n_tokens` one block call can run within `allowance` bytes of working
+        memory (at least 1): the block's activations plus the sequence's hidden states read and written."""
+        per_window = self.activation_bytes(n_tokens) + 2 * 4 * n_tokens * self.info.n_embd
+        return max(1, allowance // per_window)
+
     @property
     def min_budget(self) -> int:
         """The smallest budget a pass can keep to: the largest unit and its working memory."""
