@@ -543,7 +543,6 @@ def _calibrate(sm: Any, text: str, ctx: int, chunks: int | None, *, progress: bo
     from transformers import AutoTokenizer
 
     from .runtime import HiddenStates, format_size
-    from .runtime.memory import trim_heap
     from .text import token_windows
 
     hf_folder, info, adapter, model = sm.source.hf_folder, sm.info, sm.adapter, sm.model
@@ -726,7 +725,6 @@ def _calibrate(sm: Any, text: str, ctx: int, chunks: int | None, *, progress: bo
                             if h.shape[0] not in block_kwargs:
                                 block_kwargs[h.shape[0]] = sm.block_kwargs(h, position_ids)
                             states.set(rows, sm.layer(i, h, block_kwargs[h.shape[0]][i]))
-                trim_heap()  # the unit's freed weights and activations, back to the system
                 elapsed = time.perf_counter() - start
                 bar.set_postfix_str(f"{n_chunk * ctx * (bar.n + 1) / len(units) / elapsed:.0f} tokens/s")
     finally:

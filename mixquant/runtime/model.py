@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from ..errors import MixquantError
-from .memory import budget_from, format_size
+from .memory import budget_from, format_size, trim_heap
 
 if TYPE_CHECKING:
     import torch
@@ -246,6 +246,7 @@ class StreamedModel:
                 owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
         self._loaded.discard(unit)
         self._views.pop(unit, None)
+        trim_heap()  # the freed weights back to the system, or RSS creeps up block by block
 
     def release_all(self) -> None:
         for unit in list(self._loaded):
