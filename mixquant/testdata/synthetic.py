@@ -43,6 +43,8 @@ _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 # files copied from the bundled test model: its tokenizer, so the bundled text tokenizes as it does there
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _HEAD_DIM = 64
+# what a complete cache folder has (besides the stamp, written last)
+_CACHED_FILES = ("config.json", "tokenizer.json", "model.safetensors.index.json")
 # row lengths (hidden, ff) are multiples of this, so every k-quant's 256-wide block fits
 _ROW_MULTIPLE = 256
 
@@ -225,15 +227,19 @@ def build_synthetic_llama(folder: str | Path, *, hidden: int, n_layer: int, ff: 
     return folder
 
 
+def synthetic_folder_name(shape: SyntheticShape, dtype: str = "bfloat16", seed: int = 0) -> str:
+    """The cache folder name of a synthetic model (cache_dir() / this)."""
+    return (f"synthetic-llama-h{shape.hidden}-l{shape.n_layer}-ff{shape.ff}-a{shape.n_head}-kv{shape.n_head_kv}"
+            f"-{dtype}-s{seed}")
+
+
 def synthetic_model(size: float | SyntheticShape, *, dtype: str = "bfloat16", seed: int = 0,
                     shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> Path:
     """A synthetic Llama in the cache, built once per (shape, dtype, seed, shard size): `size` is a
     float32 size in GB (see `synthetic_shape`) or a shape."""
     shape = size if isinstance(size, SyntheticShape) else synthetic_shape(size)
     stamp = {"recipe": RECIPE, **asdict(shape), "dtype": dtype, "seed": seed, "shard_bytes": shard_bytes}
-    name = (f"synthetic-llama-h{shape.hidden}-l{shape.n_layer}-ff{shape.ff}-a{shape.n_head}-kv{shape.n_head_kv}"
-            f"-{dtype}-s{seed}")
-    return build_folder(name, stamp, ("config.json", "tokenizer.json", "model.safetensors.index.json"),
+    return build_folder(synthetic_folder_name(shape, dtype, seed), stamp, _CACHED_FILES,
                         lambda tmp: build_synthetic_llama(tmp, hidden=shape.hidden, n_layer=shape.n_layer, ff=shape.ff,
                                                           n_head=shape.n_head, n_head_kv=shape.n_head_kv, dtype=dtype,
                                                           seed=seed, shard_bytes=shard_bytes, progress=progress))

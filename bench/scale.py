@@ -1,0 +1,203 @@
+"""Scale: wall time and peak RSS of calibration, analysis and evaluation against model size, with and
+without `--max-memory`, on synthetic Llama models (random bf16 weights, built once into the cache by
+mixquant.testdata.synthetic) and the bundled test model; then the cost per parameter and what an 8B
+and a 70B model would need on one machine.
+
+Run: .venv/bin/python bench/scale.py [--sizes 0.5,1.5,3] [--budget 1GB] [--stages imatrix,analyze,eval]
+                                     [--chunks 2] [--ctx 128] [--threads 2] [--device cuda] [--dtype bfloat16]
+
+Each command runs in its own child process (peak RSS from RUSAGE_CHILDREN, as bench/quantize.py).
+`--max-memory`, `--device` and `--dtype` are passed only where asked for, and only to commands whose
+--help lists them; a row whose flag a command lacks is printed as skipped. The defaults (2 windows of
+128 tokens; analyze with one candidate type, one held-out window, no Fisher, no layer sweep, no
+report) keep the whole run near 15 minutes per budget setting on 2 quiet cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from quantize import RSS_WRAPPER
+
+from mixquant.cli import _parse_size
+from mixquant.source import open_source
+from mixquant.testdata import build_test_model, build_test_text
+from mixquant.cache import cache_dir
+from mixquant.testdata.fixture import STAMP_FILE
+from mixquant.testdata.synthetic import synthetic_folder_name, synthetic_shape
+
+MIXQUANT = str(Path(sys.executable).with_name("mixquant"))
+ANALYZE_FLAGS = "--types Q4_0 --windows 1 --sweep-types= --no-fisher --no-report --no-hessians"
+EXTRAPOLATE = {"8B": 8.0e9, "70B": 70.6e9}
+
+
+@dataclass
+class Row:
+    model: str
+    params: int
+    stage: str
+    budget: str  # "-" for none
+    seconds: float | None = None
+    rss_mb: float | None = None
+    note: str = ""
+
+
+@cache
+def command_flags(command: str) -> str:
+    """The --help text of `mixquant COMMAND` (to see which flags it has)."""
+    return subprocess.run([MIXQUANT, command, "--help"], capture_output=True, text=True, check=True).stdout
+
+
+def measure(argv: list[str], env: dict[str, str]) -> tuple[float, float, str, str]:
+    """(seconds, peak RSS in MB, stdout, error) of one child process; error is '' on success."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *argv], capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    *out, rss = done.stdout.strip().splitlines()
+    error = ""
+    if done.returncode:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        error = f"exit {done.returncode}: {lines[-1] if lines else '(no message)'}"
+    return seconds, int(rss) / 1024, "\n".join(out), error
+
+
+def parameters(folder: Path) -> int:
+    """Weights in the folder's safetensors (headers only)."""
+    with open_source(folder) as source:
+        return sum(math.prod(t.shape) for t in source.model.tensors)
+
+
+def build(size: float, env: dict[str, str]) -> tuple[Path, Row]:
+    """The synthetic model of `size` GB (float32), built in a child process (its RSS is the builder's)."""
+    cached = (cache_dir() / synthetic_folder_name(synthetic_shape(size)) / STAMP_FILE).is_file()
+    code = f"from mixquant.testdata.synthetic import synthetic_model; print(synthetic_model({size!r}, progress=False))"
+    seconds, rss, out, error = measure([sys.executable, "-c", code], env)
+    if error:
+        raise SystemExit(f"building the {size} GB synthetic model failed: {error}")
+    folder = Path(out.splitlines()[-1])
+    return folder, Row(folder.name, parameters(folder), "build", "-", seconds, rss, "(cached)" if cached else "")
+
+
+def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    calib, held_out = build_test_text()
+    window = ["--ctx", str(args.ctx), "--chunks", str(args.chunks)]
+    if stage == "imatrix":
+        return [MIXQUANT, "imatrix", str(model), "--text", str(calib), "-o", str(out / "imatrix.gguf"), *window]
+    if stage == "analyze":
+        return [MIXQUANT, "analyze", str(model), "--text", str(calib), "-o", str(out / "analysis"), *window,
+                "--threads", str(args.threads), *shlex.split(args.analyze_flags)]
+    if stage == "eval":
+        return [MIXQUANT, "eval", str(model), "--plan", args.eval_plan, "--text", str(held_out), *window,
+                "--threads", str(args.threads)]
+    raise SystemExit(f"unknown stage {stage!r} (imatrix, analyze, eval)")
+
+
+def run_stage(name: str, params: int, stage: str, model: Path, budget: str | None, args: argparse.Namespace,
+              env: dict[str, str]) -> Row:
+    row = Row(name, params, stage, budget or "-")
+    asked = {"--max-memory": budget, "--device": args.device, "--dtype": args.dtype}
+    extra: list[str] = []
+    for flag, value in asked.items():
+        if value is None:
+            continue
+        if flag not in command_flags(stage):
+            row.note = f"({flag} not available: skipped)"
+            return row
+        extra += [flag, value]
+    with tempfile.TemporaryDirectory(prefix="mixquant-scale-") as tmp:
+        row.seconds, row.rss_mb, _, row.note = measure([*stage_argv(stage, model, Path(tmp), args), *extra], env)
+    return row
+
+
+def print_row(row: Row) -> None:
+    f32_gb = row.params * 4 / 1e9
+    cells = f"{row.model[:44]:44} {f32_gb:7.2f} {row.params / 1e6:8.0f} {row.stage:22} {row.budget:>7}"
+    if row.seconds is None:
+        print(f"{cells} {row.note}", flush=True)
+        return
+    per_billion = row.seconds / (row.params / 1e9)
+    print(f"{cells} {row.seconds:8.1f} {row.rss_mb:8.0f} {per_billion:9.1f} {row.note}", flush=True)
+
+
+def summary(rows: list[Row], budget_mb: float) -> None:
+    """Per stage and budget: seconds per billion parameters on the largest model measured (its fixed
+    costs amortized the most), the RSS it needs, and what 8B and 70B would take at that rate."""
+    print("\nper-parameter cost (from the largest model measured) and extrapolation to one CPU machine:")
+    print(f"{'stage':22} {'budget':>7} {'s / B params':>12} {'RSS model':>28}   "
+          + "   ".join(f"{name:>18}" for name in EXTRAPOLATE))
+    measured = [r for r in rows if r.seconds is not None and not r.note and r.stage != "build"]
+    for stage, budget in dict.fromkeys((r.stage, r.budget) for r in measured):
+        same = sorted((r for r in measured if (r.stage, r.budget) == (stage, budget)), key=lambda r: r.params)
+        largest = same[-1]
+        rate = largest.seconds / largest.params  # seconds per parameter
+        if budget == "-":  # today: RSS grows with the model; fit MB = a + b x params over the synthetic models
+            family = [r for r in same if r.model.startswith("synthetic")]
+            b = ((family[-1].rss_mb - family[0].rss_mb) / (family[-1].params - family[0].params) if len(family) > 1
+                 else largest.rss_mb / largest.params)
+            a = largest.rss_mb - b * largest.params
+            model = f"{a:,.0f} MB + {b * 1e9 / 1e3:.2f} GB/B params"
+        else:  # streaming: the budget plus the largest overhead over it seen on any model
+            a, b = max(r.rss_mb for r in same), 0.0
+            model = f"budget + {a - budget_mb:,.0f} MB"
+        cells = [f"{rate * p / 3600:6.1f} h {(a + b * p) / 1e3:6.1f} GB" for p in EXTRAPOLATE.values()]
+        print(f"{stage:22} {budget:>7} {rate * 1e9:12.1f} {model:>28}   " + "   ".join(f"{c:>18}" for c in cells))
+    print("(time = seconds per parameter x parameters at these settings; analyze's per-tensor pass grows faster "
+          "than linearly in depth, so its 8B/70B figures are a lower bound)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0.5,1.5,3", help="synthetic models, float32 GB, comma-separated "
+                        "('' for none; the test model always runs)")
+    parser.add_argument("--budget", default="1GB", help="--max-memory for the budgeted runs ('' to skip them)")
+    parser.add_argument("--stages", default="imatrix,analyze,eval")
+    parser.add_argument("--chunks", type=int, default=2, help="calibration / evaluation windows")
+    parser.add_argument("--ctx", type=int, default=128, help="tokens per window")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--analyze-flags", default=ANALYZE_FLAGS, help=f"(default: {ANALYZE_FLAGS!r})")
+    parser.add_argument("--eval-plan", default="Q8_0", help="what eval quantizes in memory (default Q8_0)")
+    parser.add_argument("--device", help="pass --device to every command (cpu, cuda, ...)")
+    parser.add_argument("--dtype", help="pass --dtype to every command (float32, bfloat16, float16)")
+    args = parser.parse_args()
+
+    stages = [s for s in args.stages.split(",") if s]
+    sizes = [float(s) for s in args.sizes.split(",") if s]
+    budget_mb = _parse_size(args.budget) / 2**20 if args.budget else 0.0
+    budgets = [None, args.budget] if args.budget else [None]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for stage in stages:
+        stage_argv(stage, Path(), Path(), args)  # an unknown stage fails before the long work
+
+    print(f"settings: {args.chunks} windows of {args.ctx} tokens, {args.threads} threads, analyze {args.analyze_flags!r}, "
+          f"eval --plan {args.eval_plan}; synthetic shapes: "
+          + ", ".join(f"{s} GB = {synthetic_shape(s)}" for s in sizes))
+    print(f"{'model':44} {'f32 GB':>7} {'params M':>8} {'stage':22} {'budget':>7} {'wall s':>8} {'RSS MB':>8} "
+          f"{'s/B par':>9}")
+    rows: list[Row] = []
+    test_model = build_test_model()
+    models = [(test_model.name, test_model, parameters(test_model))]
+    for size in sizes:
+        folder, row = build(size, env)
+        rows.append(row)
+        print_row(row)
+        models.append((folder.name, folder, row.params))
+    for name, folder, params in models:
+        for stage in stages:
+            for budget in budgets:
+                rows.append(run_stage(name, params, stage, folder, budget, args, env))
+                print_row(rows[-1])
+    summary(rows, budget_mb)
+
+
+if __name__ == "__main__":
+    main()
