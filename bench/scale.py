@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from analyze import STAGE
 from quantize import RSS_WRAPPER
 
 from mixquant.cli import _parse_size
@@ -50,6 +52,7 @@ class Row:
     seconds: float | None = None
     rss_mb: float | None = None
     note: str = ""
+    detail: str = ""  # analyze: its own stage timings
 
 
 @cache
@@ -79,13 +82,15 @@ def parameters(folder: Path) -> int:
 
 def build(size: float, env: dict[str, str]) -> tuple[Path, Row]:
     """The synthetic model of `size` GB (float32), built in a child process (its RSS is the builder's)."""
-    cached = (cache_dir() / synthetic_folder_name(synthetic_shape(size)) / STAMP_FILE).is_file()
+    shape = synthetic_shape(size)
+    cached = (cache_dir() / synthetic_folder_name(shape) / STAMP_FILE).is_file()
     code = f"from mixquant.testdata.synthetic import synthetic_model; print(synthetic_model({size!r}, progress=False))"
     seconds, rss, out, error = measure([sys.executable, "-c", code], env)
     if error:
         raise SystemExit(f"building the {size} GB synthetic model failed: {error}")
     folder = Path(out.splitlines()[-1])
-    return folder, Row(folder.name, parameters(folder), "build", "-", seconds, rss, "(cached)" if cached else "")
+    label = f"synthetic h{shape.hidden} x{shape.n_layer}"
+    return folder, Row(label, parameters(folder), "build", "-", seconds, rss, "(cached)" if cached else "")
 
 
 def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> list[str]:
@@ -115,44 +120,55 @@ def run_stage(name: str, params: int, stage: str, model: Path, budget: str | Non
             return row
         extra += [flag, value]
     with tempfile.TemporaryDirectory(prefix="mixquant-scale-") as tmp:
-        row.seconds, row.rss_mb, _, row.note = measure([*stage_argv(stage, model, Path(tmp), args), *extra], env)
+        row.seconds, row.rss_mb, out, row.note = measure([*stage_argv(stage, model, Path(tmp), args), *extra], env)
+    if stage == "analyze":
+        pairs = re.search(r"(\d+ of \d+ pairs measured on \d+ tokens)", out)
+        row.detail = ", ".join(f"{m.group(1).removeprefix('sensitivity: ')} {float(m.group(2)):.0f} s"
+                               for m in map(STAGE.match, out.splitlines()) if m and float(m.group(2)) >= 0.5)
+        row.detail += f" ({pairs.group(1)})" if pairs else ""
     return row
 
 
 def print_row(row: Row) -> None:
     f32_gb = row.params * 4 / 1e9
-    cells = f"{row.model[:44]:44} {f32_gb:7.2f} {row.params / 1e6:8.0f} {row.stage:22} {row.budget:>7}"
+    cells = f"{row.model:24} {f32_gb:7.2f} {row.params / 1e6:8.0f} {row.stage:22} {row.budget:>7}"
     if row.seconds is None:
         print(f"{cells} {row.note}", flush=True)
         return
     per_billion = row.seconds / (row.params / 1e9)
     print(f"{cells} {row.seconds:8.1f} {row.rss_mb:8.0f} {per_billion:9.1f} {row.note}", flush=True)
+    if row.detail:
+        print(f"    {row.detail}", flush=True)
 
 
 def summary(rows: list[Row], budget_mb: float) -> None:
-    """Per stage and budget: seconds per billion parameters on the largest model measured (its fixed
-    costs amortized the most), the RSS it needs, and what 8B and 70B would take at that rate."""
-    print("\nper-parameter cost (from the largest model measured) and extrapolation to one CPU machine:")
-    print(f"{'stage':22} {'budget':>7} {'s / B params':>12} {'RSS model':>28}   "
-          + "   ".join(f"{name:>18}" for name in EXTRAPOLATE))
+    """Per stage and budget: seconds per parameter on the largest synthetic model measured (its fixed
+    costs amortized the most; the test model if there is none), peak RSS as a line in the parameter
+    count, and what 8B and 70B would take at that rate."""
+    print("\nper-parameter cost (largest synthetic model measured) and extrapolation to one CPU machine "
+          "(hours, peak RSS):")
+    print(f"{'stage':22} {'budget':>7} {'s / B params':>12} {'peak RSS':>34}   "
+          + "   ".join(f"{name:>17}" for name in EXTRAPOLATE))
     measured = [r for r in rows if r.seconds is not None and not r.note and r.stage != "build"]
     for stage, budget in dict.fromkeys((r.stage, r.budget) for r in measured):
         same = sorted((r for r in measured if (r.stage, r.budget) == (stage, budget)), key=lambda r: r.params)
-        largest = same[-1]
+        family = [r for r in same if r.model.startswith("synthetic")] or same
+        largest = family[-1]
         rate = largest.seconds / largest.params  # seconds per parameter
-        if budget == "-":  # today: RSS grows with the model; fit MB = a + b x params over the synthetic models
-            family = [r for r in same if r.model.startswith("synthetic")]
-            b = ((family[-1].rss_mb - family[0].rss_mb) / (family[-1].params - family[0].params) if len(family) > 1
-                 else largest.rss_mb / largest.params)
-            a = largest.rss_mb - b * largest.params
-            model = f"{a:,.0f} MB + {b * 1e9 / 1e3:.2f} GB/B params"
-        else:  # streaming: the budget plus the largest overhead over it seen on any model
+        if budget != "-":  # streaming: the budget plus the largest overhead over it seen on any model
             a, b = max(r.rss_mb for r in same), 0.0
-            model = f"budget + {a - budget_mb:,.0f} MB"
-        cells = [f"{rate * p / 3600:6.1f} h {(a + b * p) / 1e3:6.1f} GB" for p in EXTRAPOLATE.values()]
-        print(f"{stage:22} {budget:>7} {rate * 1e9:12.1f} {model:>28}   " + "   ".join(f"{c:>18}" for c in cells))
-    print("(time = seconds per parameter x parameters at these settings; analyze's per-tensor pass grows faster "
-          "than linearly in depth, so its 8B/70B figures are a lower bound)")
+            fit = f"budget + {a - budget_mb:,.0f} MB"
+        elif len(family) > 1:  # today: RSS grows with the model, MB = a + b x params through the smallest and largest
+            b = (largest.rss_mb - family[0].rss_mb) / (largest.params - family[0].params)
+            a = largest.rss_mb - b * largest.params
+            fit = f"{a:,.0f} MB + {b * 1e9 / 1024:.2f} GB/B params"
+        else:  # one size: through the origin, an upper bound
+            a, b = 0.0, largest.rss_mb / largest.params
+            fit = f"<= {b * 1e9 / 1024:.2f} GB/B params"
+        cells = [f"{rate * p / 3600:6.1f} h {(a + b * p) / 1024:6.1f} GB" for p in EXTRAPOLATE.values()]
+        print(f"{stage:22} {budget:>7} {rate * 1e9:12.1f} {fit:>34}   " + "   ".join(f"{c:>17}" for c in cells))
+    print("(time = seconds per parameter x parameters at these settings; analyze's per-tensor pass costs tensors x "
+          "remaining blocks, so it grows with depth too and its 8B/70B hours are a lower bound)")
 
 
 def main() -> None:
@@ -181,7 +197,7 @@ def main() -> None:
     print(f"settings: {args.chunks} windows of {args.ctx} tokens, {args.threads} threads, analyze {args.analyze_flags!r}, "
           f"eval --plan {args.eval_plan}; synthetic shapes: "
           + ", ".join(f"{s} GB = {synthetic_shape(s)}" for s in sizes))
-    print(f"{'model':44} {'f32 GB':>7} {'params M':>8} {'stage':22} {'budget':>7} {'wall s':>8} {'RSS MB':>8} "
+    print(f"{'model':24} {'f32 GB':>7} {'params M':>8} {'stage':22} {'budget':>7} {'wall s':>8} {'RSS MB':>8} "
           f"{'s/B par':>9}")
     rows: list[Row] = []
     test_model = build_test_model()
@@ -190,7 +206,7 @@ def main() -> None:
         folder, row = build(size, env)
         rows.append(row)
         print_row(row)
-        models.append((folder.name, folder, row.params))
+        models.append((row.model, folder, row.params))
     for name, folder, params in models:
         for stage in stages:
             for budget in budgets:
