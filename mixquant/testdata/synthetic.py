@@ -15,7 +15,8 @@ the loss sits near ln(vocab). Each tensor has its own generator, seeded from (se
 same arguments give the same bytes.
 
 Written tensor by tensor, a few MB of rows at a time: the builder never holds a whole tensor, let
-alone the model (its peak RSS is about that of the Python process and its imports).
+alone the model; its peak RSS is that of Python and its imports (measured: 185 MB building the
+1.5 GB and the 2.9 GB models, 11 s and 21 s on a loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -94,10 +95,10 @@ class SyntheticShape:
 
 
 def synthetic_shape(float32_gb: float, min_layers: int = 8) -> SyntheticShape:
-    """The shape whose float32 weights come closest to `float32_gb` (1e9 bytes): the widest hidden size
-    (a multiple of 256, up to 8192) that still leaves at least `min_layers` blocks besides the
-    embedding and the output head, FFN 8/3 x hidden (rounded up to 256), heads of 64, 4 query heads per
-    KV head (grouped-query attention, as Llama 3)."""
+    """A shape of about `float32_gb` GB (1e9 bytes) of float32 weights: the widest hidden size (a multiple
+    of 256, up to 8192) that still leaves room for at least `min_layers` blocks besides the embedding
+    and the output head, as many blocks as come nearest the size, FFN 8/3 x hidden (rounded up to 256),
+    heads of 64, 4 query heads per KV head (grouped-query attention, as Llama 3)."""
     target = float32_gb * 1e9 / 4
     best = None
     for hidden in range(_ROW_MULTIPLE * 2, 8192 + 1, _ROW_MULTIPLE):
@@ -117,8 +118,9 @@ def synthetic_shape(float32_gb: float, min_layers: int = 8) -> SyntheticShape:
 # The weights
 
 
-def _std(name: str, shape: tuple[int, ...], n_layer: int) -> float:
-    if len(shape) == 1 or name == "model.embed_tokens.weight":
+def _std(name: str, shape: tuple[int, int], n_layer: int) -> float:
+    """Of a matrix: unit-variance embedding rows, 1/sqrt(fan_in) for the linears, less for the residual writers."""
+    if name == "model.embed_tokens.weight":
         return 1.0
     residual = name.endswith(("o_proj.weight", "down_proj.weight"))
     return (1.0 / math.sqrt(shape[1])) / (math.sqrt(2 * n_layer) if residual else 1.0)
@@ -129,7 +131,7 @@ def _slabs(name: str, shape: tuple[int, ...], n_layer: int, seed: int) -> Iterat
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     rows = shape[0] if len(shape) == 2 else 1
     cols = shape[-1]
-    std = np.float32(_std(name, shape, n_layer))
+    std = np.float32(_std(name, shape, n_layer)) if len(shape) == 2 else None
     step = max(1, _SLAB_VALUES // cols)
     for start in range(0, rows, step):
         x = rng.standard_normal((min(step, rows - start), cols), dtype=np.float32)
