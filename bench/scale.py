@@ -33,7 +33,7 @@ from quantize import RSS_WRAPPER
 
 from mixquant.cli import _parse_size
 from mixquant.source import open_source
-from mixquant.testdata import build_test_model, build_test_text
+from mixquant.testdata import MODEL_DIR_NAME, build_test_model, build_test_text
 from mixquant.cache import cache_dir
 from mixquant.testdata.fixture import STAMP_FILE
 from mixquant.testdata.synthetic import synthetic_folder_name, synthetic_shape
@@ -174,7 +174,8 @@ def summary(rows: list[Row], budget_mb: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0.5,1.5,3", help="synthetic models, float32 GB, comma-separated "
-                        "('' for none; the test model always runs)")
+                        "('' for none)")
+    parser.add_argument("--no-test-model", action="store_true", help="leave out the bundled test model")
     parser.add_argument("--budget", default="1GB", help="--max-memory for the budgeted runs ('' to skip them)")
     parser.add_argument("--stages", default="imatrix,analyze,eval")
     parser.add_argument("--chunks", type=int, default=2, help="calibration / evaluation windows")
@@ -200,8 +201,7 @@ def main() -> None:
     print(f"{'model':24} {'f32 GB':>7} {'params M':>8} {'stage':22} {'budget':>7} {'wall s':>8} {'RSS MB':>8} "
           f"{'s/B par':>9}")
     rows: list[Row] = []
-    test_model = build_test_model()
-    models = [(test_model.name, test_model, parameters(test_model))]
+    models = [] if args.no_test_model else [(MODEL_DIR_NAME, build_test_model(), parameters(build_test_model()))]
     for size in sizes:
         folder, row = build(size, env)
         rows.append(row)
