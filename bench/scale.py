@@ -34,7 +34,7 @@ from pathlib import Path
 from analyze import STAGE
 from quantize import RSS_WRAPPER
 
-from mixquant.cli import _parse_size
+from mixquant.runtime import parse_size
 from mixquant.source import open_source
 from mixquant.testdata import MODEL_DIR_NAME, build_test_model, build_test_text
 from mixquant.cache import cache_dir
@@ -192,7 +192,7 @@ def main() -> None:
 
     stages = [s for s in args.stages.split(",") if s]
     sizes = [float(s) for s in args.sizes.split(",") if s]
-    budget_mb = _parse_size(args.budget) / 2**20 if args.budget else 0.0
+    budget_mb = parse_size(args.budget, "--budget") / 2**20 if args.budget else 0.0
     budgets = [None, args.budget] if args.budget else [None]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for stage in stages:
