@@ -140,9 +140,11 @@ def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool):
     try:
         if imatrix is None and source.hf_folder is not None:
             imatrix = calibrate(source.hf_folder, read_text(args.text), chunks=_ON_THE_FLY_CHUNKS, progress=progress,
-                                dataset=str(args.text), activations=False, output_importance=True).imatrix
+                                dataset=str(args.text), activations=False, output_importance=True,
+                                **_runtime(args)).imatrix
             print(f"imatrix: calibrated on {imatrix.chunks} chunks of {args.text}", file=sys.stderr)
-        sens = analyze(source, imatrix, text=args.text, fisher=True, threads=args.threads, progress=progress)
+        sens = analyze(source, imatrix, text=args.text, fisher=True, threads=args.threads, progress=progress,
+                       **_runtime(args))
     except MixquantError as exc:
         raise MixquantError(f"analysing --text {args.text} on the fly: {exc}") from None
     return sens, imatrix
@@ -266,7 +268,8 @@ def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
     if source.hf_folder is None:
         raise MixquantError(f"{args.src}: calibrating Hessians needs a Hugging Face folder; give --hessians FILE")
     cal = calibrate(source.hf_folder, read_text(args.text), chunks=_ON_THE_FLY_CHUNKS, progress=sys.stderr.isatty(),
-                    dataset=str(args.text), activations=False, output_importance=True, hessians=True)
+                    dataset=str(args.text), activations=False, output_importance=True, hessians=True,
+                    **_runtime(args))
     print(f"hessians: calibrated on {cal.imatrix.chunks} chunks of {args.text}", file=sys.stderr)
     return (HessianQuantizer(cal.hessians, source.model, act_order=act_order),
             imatrix if imatrix is not None else cal.imatrix)
@@ -555,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-output-tensor", action="store_true", help="leave output.weight unquantized")
     p.add_argument("--pure", action="store_true", help="one type for every quantizable tensor, no mixing")
     p.add_argument("--allow-requantize", action="store_true", help="accept an already-quantized GGUF source")
+    _runtime_flags(p)
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("analyze", help="calibrate, measure per-tensor sensitivity, write a report (for allocation)")
