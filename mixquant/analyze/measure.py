@@ -17,7 +17,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -162,23 +162,25 @@ class Measurer:
         per = 4 * n * t * e + swap_bytes
         return max(1, int(free * _STATES_SHARE) // max(per, 1))
 
-    def measure(self, start: int, swaps: Sequence[Swap], progress: Any = None) -> list[tuple[float, float]]:
+    def measure(self, start: int, swaps: Sequence[Callable[[], Swap]], swap_bytes: int,
+                progress: Any = None) -> list[tuple[float, float]]:
         """(KLD, NLL) of each swap, all of whose tensors enter at or after unit `start` (-1: the
-        embeddings, 0..n_layer-1: a block, n_layer: the head), rerun from there."""
+        embeddings, 0..n_layer-1: a block, n_layer: the head), rerun from there. The swaps are made
+        (`swaps[i]()`, at most `swap_bytes` each) a chunk at a time, as many as the budget holds
+        in flight, and dropped after their chunk."""
         import torch
 
         out: list[tuple[float, float]] = []
         if not swaps:
             return out
-        swap_bytes = max(sum(np.asarray(q).nbytes for q in s.values()) for s in swaps)
         k = self.chunk_size(swap_bytes)
         n = self.ref.windows.shape[0]
         # a block call on up to 16 windows (of k x n in flight): enough rows for an efficient product
         per_call = max(n, 16)
         ids = torch.from_numpy(self.ref.windows)
-        with torch.inference_mode():
-            for c0 in range(0, len(swaps), k):
-                chunk = swaps[c0:c0 + k]
+        for c0 in range(0, len(swaps), k):
+            chunk = [make() for make in swaps[c0:c0 + k]]
+            with torch.inference_mode():
                 if start < 0:
                     states = []
                     with self.model.loaded("embed"):
@@ -206,8 +208,9 @@ class Measurer:
                     for j, s in enumerate(chunk):
                         with self._swapped("head", s):
                             out.append(self.score(states[j]))
-                if progress is not None:
-                    progress.update(len(chunk))
+            if progress is not None:
+                progress.update(len(chunk))
+            del chunk
         return out
 
     # -- Fisher ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
 
 import numpy as np
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..calibrate import Imatrix
-    from ..plan import ModelInfo
+    from ..plan import ModelInfo, TensorInfo
     from ..runtime.executor import WorkItem
     from ..source import Source
 
@@ -348,59 +348,73 @@ def _work_items(plan: list[tuple[str, list[str], list[str]]], sweep_types: list[
 def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
     """One unit's tensors: every candidate quantized (predicted error, Fisher estimate), the
     measured ones and the layer sweep's whole-block variants carried through the rest of the model
-    together. JSON-ready."""
+    together, quantized a chunk at a time as the measurement asks for them. JSON-ready."""
     import torch
 
     from .. import formats
+    from ..plan import allows_quantization, fallback_type
 
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
     src, measurer = _context_measurer(ctx)
     info = src.model
     by_name = {t.name: t for t in info.tensors}
-    seconds_quant = 0.0
+    seconds = {"quantize": 0.0}
     tensors: dict[str, dict[str, Any]] = {}
-    swaps: list[Swap] = []
-    owners: list[tuple[str, Any]] = []  # (tensor, type) or ("sweep", type) of each swap
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray] = {}  # float32 (rows, cols) of the tensors quantized later
+    fishers: dict[str, np.ndarray | None] = {}
+
+    def quantized(name: str, typ: str) -> np.ndarray:
+        """The tensor's values at `typ`; its predicted error and Fisher estimate recorded."""
+        w, f, imp = weights[name], fishers[name], ctx.importance.get(name)
+        tq = time.perf_counter()
+        q = _roundtrip(w, typ, imp, ctx.threads)
+        cost = tensors[name]["types"][typ]
+        cost["predicted"] = predicted_error(w, q, imp)
+        if f is not None:
+            d = src.adapter.delta_to_hf(name, w - q, info)  # a row permutation: exact on the difference
+            rows_sum = np.einsum("ij,ij->i", f.reshape(d.shape), d * d)  # float64 across rows
+            cost["fisher"] = 0.5 * float(rows_sum.sum(dtype=np.float64))
+        seconds["quantize"] += time.perf_counter() - tq
+        return q
+
+    swaps: list[Callable[[], Swap]] = []
+    owners: list[tuple[str, str]] = []  # (tensor, type) or ("sweep", type) of each swap
+    swap_bytes = 0
     for entry in payload["tensors"]:
         name = entry["name"]
         t = by_name[name]
         rows, cols = math.prod(t.shape[:-1]), t.shape[-1]
-        w = np.ascontiguousarray(src.tensor(name), dtype=np.float32).reshape(rows, cols)
-        imp = ctx.importance.get(name)
-        f = None if entry["fisher"] is None else _read_fisher(entry["fisher"], name)
-        costs: dict[str, dict[str, Any]] = {}
-        for typ in entry["types"]:
-            nbytes = formats.quantized_size(typ, (rows, cols))
-            if typ == "F32":
-                costs[typ] = {"bytes": nbytes, "predicted": 0.0, "measured": 0.0, "fisher": None if f is None else 0.0}
-                continue
-            tq = time.perf_counter()
-            q = _roundtrip(w, typ, imp, ctx.threads)
-            cost: dict[str, Any] = {"bytes": nbytes, "predicted": predicted_error(w, q, imp), "measured": None,
-                                    "fisher": None}
-            if f is not None:
-                d = src.adapter.delta_to_hf(name, w - q, info)  # a row permutation: exact on the difference
-                rows_sum = np.einsum("ij,ij->i", f.reshape(d.shape), d * d)  # float64 across rows
-                cost["fisher"] = 0.5 * float(rows_sum.sum(dtype=np.float64))
-            seconds_quant += time.perf_counter() - tq
-            if typ in entry["measure"]:
-                swaps.append({name: q.reshape(t.shape)})
-                owners.append((name, typ))
-            costs[typ] = cost
-            del q
+        weights[name] = w = np.ascontiguousarray(src.tensor(name), dtype=np.float32).reshape(rows, cols)
+        fishers[name] = None if entry["fisher"] is None else _read_fisher(entry["fisher"], name)
+        costs = {typ: {"bytes": formats.quantized_size(typ, (rows, cols)), "predicted": 0.0,
+                       "measured": 0.0 if typ == "F32" else None,
+                       "fisher": None if fishers[name] is None or typ != "F32" else 0.0} for typ in entry["types"]}
         tensors[name] = {"types": costs, "weights": asdict(weight_distribution(w))}
-        if payload["sweep"]:
-            weights[name] = w
+        for typ in entry["types"]:
+            if typ == "F32":
+                continue
+            if typ in entry["measure"]:
+                swaps.append(lambda name=name, typ=typ, shape=t.shape: {name: quantized(name, typ).reshape(shape)})
+                owners.append((name, typ))
+                swap_bytes = max(swap_bytes, w.nbytes)
+            else:
+                quantized(name, typ)
+
+    block = [t for t in info.tensors if layer_of(t.name) == payload["unit"] and t.name not in src.adapter.derived
+             and allows_quantization(t, info.arch)] if payload["sweep"] else []
     sweep_used: list[dict[str, str]] = []
-    if payload["sweep"]:
-        swaps_sweep, sweep_used, seconds = _sweep_swaps(src, payload["unit"], payload["sweep"], weights, ctx)
-        seconds_quant += seconds
-        swaps += swaps_sweep
-        owners += [("sweep", typ) for typ in payload["sweep"]]
-    del weights
-    measured = measurer.measure(payload["unit"], swaps) if swaps else []
+    for typ in payload["sweep"]:
+        try:
+            used = {t.name: fallback_type(typ, t.shape[-1]) for t in block}
+        except ValueError as exc:
+            raise MixquantError(f"layer sweep: {exc}") from None
+        sweep_used.append(used)
+        swaps.append(lambda used=used: _sweep_swap(src, block, used, weights, ctx, seconds))
+        owners.append(("sweep", typ))
+        swap_bytes = max(swap_bytes, sum(4 * t.n_elements for t in block))
+
+    measured = measurer.measure(payload["unit"], swaps, swap_bytes) if swaps else []
     sweep = []
     for (name, typ), (kld, nll) in zip(owners, measured):
         if name == "sweep":
@@ -408,7 +422,7 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
                           "types_used": sweep_used[len(sweep)]})
         else:
             tensors[name]["types"][typ]["measured"] = kld
-    return {"tensors": tensors, "sweep": sweep, "seconds_quantize": seconds_quant}
+    return {"tensors": tensors, "sweep": sweep, "seconds_quantize": seconds["quantize"]}
 
 
 def _read_fisher(path: str, name: str) -> np.ndarray:
@@ -418,31 +432,19 @@ def _read_fisher(path: str, name: str) -> np.ndarray:
         return f.get_tensor(name)
 
 
-def _sweep_swaps(src: Source, layer: int, types: list[str], known: dict[str, np.ndarray], ctx: _Context
-                 ) -> tuple[list[Swap], list[dict[str, str]], float]:
-    """The layer sweep's variants of block `layer`: each of its quantizable tensors at each type
-    (llama.cpp's shape fallback where the type's block does not fit a row), all else float32."""
-    from ..plan import allows_quantization, fallback_type
-
-    info = src.model
-    block = [t for t in info.tensors if layer_of(t.name) == layer and t.name not in src.adapter.derived
-             and allows_quantization(t, info.arch)]
+def _sweep_swap(src: Source, block: list[TensorInfo], used: dict[str, str], known: dict[str, np.ndarray],
+                ctx: _Context, seconds: dict[str, float]) -> Swap:
+    """One layer-sweep variant: every quantizable tensor of the block at its type of `used`
+    (llama.cpp's shape fallback of the swept type), all else float32."""
     tq = time.perf_counter()
-    swaps, used_all = [], []
-    for typ in types:
-        try:
-            used = {t.name: fallback_type(typ, t.shape[-1]) for t in block}
-        except ValueError as exc:
-            raise MixquantError(f"layer sweep: {exc}") from None
-        swap = {}
-        for t in block:
-            w = known.get(t.name)
-            if w is None:
-                w = np.ascontiguousarray(src.tensor(t.name), dtype=np.float32).reshape(-1, t.shape[-1])
-            swap[t.name] = _roundtrip(w, used[t.name], ctx.importance.get(t.name), ctx.threads).reshape(t.shape)
-        swaps.append(swap)
-        used_all.append(used)
-    return swaps, used_all, time.perf_counter() - tq
+    swap = {}
+    for t in block:
+        w = known.get(t.name)
+        if w is None:
+            w = np.ascontiguousarray(src.tensor(t.name), dtype=np.float32).reshape(-1, t.shape[-1])
+        swap[t.name] = _roundtrip(w, used[t.name], ctx.importance.get(t.name), ctx.threads).reshape(t.shape)
+    seconds["quantize"] += time.perf_counter() - tq
+    return swap
 
 
 def _roundtrip(w: np.ndarray, type_name: str, importance: np.ndarray | None, threads: int) -> np.ndarray:
