@@ -373,8 +373,11 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
         cost["predicted"] = predicted_error(w, q, imp)
         if f is not None:
             d = src.adapter.delta_to_hf(name, w - q, info)  # a row permutation: exact on the difference
-            rows_sum = np.einsum("ij,ij->i", f.reshape(d.shape), d * d)  # float64 across rows
-            cost["fisher"] = 0.5 * float(rows_sum.sum(dtype=np.float64))
+            f2 = f.reshape(d.shape)
+            step = max(1, (1 << 21) // d.shape[-1])  # row slices: no second tensor-sized temporary
+            rows_sum = np.concatenate([np.einsum("ij,ij->i", f2[r:r + step], d[r:r + step] * d[r:r + step])
+                                       for r in range(0, d.shape[0], step)])
+            cost["fisher"] = 0.5 * float(rows_sum.sum(dtype=np.float64))  # float64 across rows
         seconds["quantize"] += time.perf_counter() - tq
         return q
 

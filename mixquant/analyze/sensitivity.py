@@ -462,12 +462,21 @@ def candidate_types(shape: tuple[int, ...], types: Iterable[str] | None = None) 
 
 def predicted_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray | None) -> float:
     """sum_ij imp_j (w_ij - q_ij)^2 / sum_ij imp_j w_ij^2 (imp all ones when None), in float64;
-    an importance of n vectors (a stack of n experts) weighs each expert's rows with its own."""
+    an importance of n vectors (a stack of n experts) weighs each expert's rows with its own.
+    Summed over slices of rows, so the float64 temporaries stay small next to a large tensor."""
     groups = 1 if importance is None else max(1, np.size(importance) // w.shape[-1])
-    w64 = w.astype(np.float64, copy=False).reshape(groups, -1, w.shape[-1])
-    diff = (q.astype(np.float64, copy=False).reshape(w64.shape) - w64)
-    err = np.einsum("gij,gij->gj", diff, diff).reshape(-1)
-    ref = np.einsum("gij,gij->gj", w64, w64).reshape(-1)
+    cols = w.shape[-1]
+    w3 = w.reshape(groups, -1, cols)
+    q3 = q.reshape(w3.shape)
+    err = np.zeros((groups, cols))
+    ref = np.zeros((groups, cols))
+    step = max(1, (1 << 20) // (groups * cols))  # about 8 MB of float64 per slice
+    for s in range(0, w3.shape[1], step):
+        a = w3[:, s:s + step].astype(np.float64)
+        d = q3[:, s:s + step].astype(np.float64) - a
+        err += np.einsum("gij,gij->gj", d, d)
+        ref += np.einsum("gij,gij->gj", a, a)
+    err, ref = err.reshape(-1), ref.reshape(-1)
     if importance is not None:
         imp = np.asarray(importance, dtype=np.float64).reshape(-1)
         err, ref = err @ imp, ref @ imp
