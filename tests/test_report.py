@@ -46,8 +46,8 @@ def test_analyze_writes_every_output(analysis):
     assert {"blk.0.attn_in", "blk.1.ffn_down_in", "blk.1.residual"} <= set(acts.stats)
     # the stage table: every stage timed, the bench parses these lines
     stages = dict(re.findall(r"^  (\S.*?)\s+([0-9.]+) s$", stdout, re.M))
-    assert {"calibration (imatrix, activations)", "sensitivity: measure KLD", "sensitivity: Fisher",
-            "sensitivity: layer sweep", "report"} <= set(stages)
+    assert {"calibration (imatrix, activations)", "sensitivity: reference pass", "sensitivity: Fisher",
+            "sensitivity: quantize, measure, sweep", "report"} <= set(stages)
 
 
 def test_report_states_the_numbers_it_shows(analysis):
