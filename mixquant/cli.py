@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     from .files import Terminated, command_inputs, handle_sigterm
 
     args = build_parser().parse_args(argv)
-    previous_sigterm = handle_sigterm() if threading.current_thread() is threading.main_thread() else None
+    previous_handlers = handle_sigterm() if threading.current_thread() is threading.main_thread() else {}
     previous_showwarning = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
@@ -696,8 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = previous_showwarning
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
 
 
 def run() -> None:

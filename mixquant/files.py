@@ -31,6 +31,8 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -208,13 +210,36 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every cleanup that runs on Ctrl-C runs on it too."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+def _in_finalizer(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
-def handle_sigterm() -> Any:
-    """Turn SIGTERM into `Terminated` in this (main) thread; returns the handler it replaces."""
-    return signal.signal(signal.SIGTERM, _on_sigterm)
+def _deliver_again(signum: int) -> None:
+    """Send `signum` to this process again in a moment, from another thread: an exception raised
+    inside a finalizer (`__del__`) is printed as "Exception ignored" and lost, so a signal that
+    lands there is delivered again once the finalizer is done."""
+    def later() -> None:
+        time.sleep(0.01)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=later, daemon=True).start()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _in_finalizer(frame):
+        _deliver_again(signum)
+        return
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def handle_sigterm() -> dict[int, Any]:
+    """Turn SIGTERM into `Terminated` (and SIGINT into KeyboardInterrupt, as Python does) in this
+    (main) thread, never inside a finalizer; returns {signal: the handler it replaces}."""
+    return {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 # --------------------------------------------------------------------------------------------
