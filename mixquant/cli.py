@@ -296,6 +296,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         formats.get(t).name for t in args.sweep_types.split(",") if t]
     progress = sys.stderr.isatty()
     timings: dict[str, float] = {}
+    if args.ray and args.ray != "local":  # a cluster that does not answer fails now, not after calibration
+        from .runtime.executor import ray_session
+
+        with ray_session(args.ray):
+            pass
     with open_source(args.src) as source, _output_folder(args.output) as out:
         if source.hf_folder is None:
             raise MixquantError(f"{args.src}: analyze needs a Hugging Face folder (it runs the model in PyTorch)")

@@ -50,6 +50,21 @@ def unit_of(name: str, n_layer: int) -> int:
     raise MixquantError(f"cannot tell where tensor {name} enters the model")
 
 
+def kld_nll(now, ref, p, targets) -> tuple[float, float]:
+    """(mean KLD against the reference, mean NLL of `targets`) of logits `now` (n, vocab; consumed).
+    KL(p_ref || p_now) without cancellation: with d = ref - now and c = E_p[d],
+    KL = log1p(E_p[expm1(c - d)])."""
+    import torch
+
+    d = now
+    nll = float((torch.logsumexp(d, dim=-1) - d.gather(1, targets[:, None])[:, 0]).double().mean())
+    d.neg_().add_(ref)  # d = ref - now
+    c = torch.einsum("nv,nv->n", p, d)
+    d.neg_().add_(c[:, None]).expm1_()  # expm1(c - d)
+    kl = torch.log1p(torch.einsum("nv,nv->n", p, d).double())
+    return float(kl.clamp_min(0).mean()), nll
+
+
 @dataclass
 class Reference:
     """The float32 pass over the measurement windows: the input of every block (`inputs[i]`;
@@ -111,20 +126,10 @@ class Measurer:
 
     def score(self, h: torch.Tensor) -> tuple[float, float]:
         """(mean KLD, mean NLL) of the final hidden states h (n, t, e) against the reference (the
-        head loaded). KL(p_ref || p_now) without cancellation: with d = ref - now (logits) and
-        c = E_p[d], KL = log1p(E_p[expm1(c - d)])."""
-        import torch
+        head loaded; `kld_nll`)."""
 
         d = self.model.logits(h[:, self.ref.score_from:-1].to(self.model.device, self.model.dtype))
-        d = d.reshape(-1, d.shape[-1]).to("cpu")
-        nll = torch.logsumexp(d, dim=-1) - d.gather(1, self._targets[:, None])[:, 0]
-        nll = float(nll.double().mean())
-        d.neg_().add_(self._ref)  # d = ref - now
-        c = torch.einsum("nv,nv->n", self._p, d)
-        d.neg_().add_(c[:, None]).expm1_()  # expm1(c - d)
-        e = torch.einsum("nv,nv->n", self._p, d)
-        kl = torch.log1p(e.double())
-        return float(kl.clamp_min(0).mean()), nll
+        return kld_nll(d.reshape(-1, d.shape[-1]).to("cpu"), self._ref, self._p, self._targets)
 
     @contextmanager
     def _swapped(self, unit: str, swap: Swap) -> Iterator[None]:
@@ -358,14 +363,7 @@ class _Runner:
             h = self.embed(self.ids) if start < 0 else self.cache[start]
             for i in range(max(start, 0), len(self.layers)):
                 h = self._layer(i, h)
-            d = self._logits(h)
-            nll = float(self._nll(d))
-            d.neg_().add_(self.ref)  # d = ref - now
-            c = torch.einsum("nv,nv->n", self.p, d)
-            d.neg_().add_(c[:, None]).expm1_()  # expm1(c - d)
-            e = torch.einsum("nv,nv->n", self.p, d)
-            kl = torch.log1p(e.double())
-        return float(kl.clamp_min(0).mean()), nll
+            return kld_nll(self._logits(h), self.ref, self.p, self.targets)
 
 
 # --------------------------------------------------------------------------------------------
