@@ -59,7 +59,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -337,20 +337,25 @@ class StreamingStats:
         center = float(np.float32(x.mean(dtype=np.float64)))  # d is taken in float32 from this one
         std = math.sqrt(sum(float(np.square(np.subtract(b, center, dtype=np.float64)).sum())
                             for b in self._blocks(x)) / x.size)
+        self.start(center, std, x.shape[1])
+
+    def start(self, center: float, std: float, channels: int) -> None:
+        """Fix the center (of d = x - center), the outlier limit and the histogram from a known mean
+        and std, before the first `add` (otherwise the first chunk's are used)."""
         half = HIST_SIGMAS * std or 1.0  # constant values: any width will do
         self.center, self.limit2 = center, (OUTLIER_SIGMAS * std) ** 2
         self.lo, self.scale = center - half, HIST_BINS / (2 * half)
-        self.sums = np.zeros((4, x.shape[1]))
-        self.absmax = np.zeros(x.shape[1])
-        self.fires = np.zeros(x.shape[1], dtype=np.int64)
+        self.sums = np.zeros((4, channels))
+        self.absmax = np.zeros(channels)
+        self.fires = np.zeros(channels, dtype=np.int64)
 
     def add(self, x: np.ndarray) -> None:
         """Add a (rows, channels) chunk: rows are tokens (for a weight, its rows)."""
         x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.size == 0 or (self.rows and x.shape[1] != self.absmax.size):
+        if x.ndim != 2 or x.size == 0 or (self.absmax.size and x.shape[1] != self.absmax.size):
             raise ValueError(f"{self.what}: expected a non-empty (rows, {self.absmax.size or 'channels'}) chunk, "
                              f"got shape {x.shape}")
-        if not self.rows:
+        if not self.absmax.size:
             self._start(x)
         import torch  # its bincount is 2-3x faster than numpy's
 
@@ -400,6 +405,26 @@ def weight_distribution(w: np.ndarray) -> Distribution:
     chunk, so the outlier test and the histogram use its own mean and std."""
     stats = StreamingStats("weights")
     stats.add(np.asarray(w, dtype=np.float32).reshape(-1, np.shape(w)[-1] if np.ndim(w) else 1))  # rows
+    return stats.distribution()
+
+
+def weight_distribution_rows(rows: Callable[[int, int], np.ndarray], n_rows: int, step: int) -> Distribution:
+    """`weight_distribution` of a 2-D tensor read `step` rows at a time (`rows(start, stop)`), so
+    that no copy of a large one is held: a first pass finds its mean and std, a second adds the
+    slices. The same as the whole tensor's up to the float64 rounding of those two sums."""
+    total = squares = 0.0
+    count = cols = 0
+    for r in range(0, n_rows, step):
+        x = rows(r, min(r + step, n_rows))
+        total += float(x.sum(dtype=np.float64))
+        count, cols = count + x.size, x.shape[1]
+    center = float(np.float32(total / count))
+    for r in range(0, n_rows, step):
+        squares += float(np.square(np.subtract(rows(r, min(r + step, n_rows)), center, dtype=np.float64)).sum())
+    stats = StreamingStats("weights")
+    stats.start(center, math.sqrt(squares / count), cols)
+    for r in range(0, n_rows, step):
+        stats.add(rows(r, min(r + step, n_rows)))
     return stats.distribution()
 
 

@@ -456,17 +456,13 @@ class Evaluator:
     @property
     def params(self) -> dict[str, Any]:
         """GGUF tensor name -> the transformers parameter holding it (tied ones appear once), loaded."""
-        from .runtime.windows import gguf_parameters
-
         self.model  # noqa: B018 - loads every unit
-        return gguf_parameters(self.runtime)
+        return self.runtime.parameters_by_name()
 
     def linear_weights(self) -> dict[torch.nn.Linear, str]:
         """Every nn.Linear of the model -> the GGUF weight it multiplies its input by. The modules
         keep their identity while the runtime swaps weights in and out: hooks on them last."""
-        from .runtime.windows import linear_weights
-
-        return linear_weights(self.runtime)
+        return self.runtime.linear_weights()
 
     def _to_hf(self, name: str, x: np.ndarray) -> np.ndarray:
         """A tensor in GGUF orientation and values -> the transformers parameter's (the adapter's
@@ -792,9 +788,7 @@ class Evaluator:
             v = v[0] if isinstance(v, list) else v
             if int(v) != int(want):
                 raise MixquantError(f"{path}: {arch}.{key} is {v} but the model has {want}; not this model's GGUF")
-        from .runtime.windows import gguf_parameters
-
-        want_shapes = {n: tuple(p.shape) for n, p in gguf_parameters(self.runtime).items()}
+        want_shapes = {n: tuple(p.shape) for n, p in self.runtime.parameters_by_name().items()}
         missing = sorted(set(want_shapes) - set(tensors))
         extra = sorted(set(tensors) - set(want_shapes) - self.source.adapter.derived)
         if missing or extra:

@@ -209,6 +209,11 @@ class Source:
         """The tensor as C-contiguous float32 in GGUF (numpy) orientation, e.g. (rows, cols)."""
         raise NotImplementedError
 
+    def tensor_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of a 2-D tensor, as `tensor(name)[start:stop]`; a source that can read
+        them without the whole tensor does (the token embedding of a large vocabulary)."""
+        return np.ascontiguousarray(self.tensor(name)[start:stop])
+
     @property
     def metadata(self) -> dict[str, GGUFValue]:
         """GGUF key/values to write, in order (general.*, hyperparameters, tokenizer).
@@ -386,6 +391,7 @@ class HFSource(Source):
                                 f"{len(self._entries)} tensors")
         self._maps: dict[Path, np.memmap] = {}
         self._loaders: dict[str, Callable[[], np.ndarray]] = {}
+        self._row_entries: dict[str, _StEntry] = {}  # 2-D tensors stored as they are: rows readable alone
         self._types: dict[str, str] = {}
         dims = ModelInfo(arch=self.arch, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
                          n_expert=self.n_expert, n_embd=self.n_embd, tied_output=self.tied)  # no tensors yet
@@ -500,6 +506,8 @@ class HFSource(Source):
             infos[name] = TensorInfo(name, entry.shape, dtype)
             self._types[name] = entry.dtype
             self._loaders[name] = self._loader(name, [(hf_name, entry)], dims)
+            if len(entry.shape) == 2 and not adapter.converts(name, dims):
+                self._row_entries[name] = entry
         for name, by_expert in experts.items():  # one 3-D tensor of all experts, as the converter stacks them
             parts = [by_expert[e] for e in sorted(by_expert)]
             dtypes, shapes = {e.dtype for _, e in parts}, {e.shape for _, e in parts}
@@ -547,13 +555,20 @@ class HFSource(Source):
 
         return load
 
-    def _read(self, entry: _StEntry) -> np.ndarray:
+    def _read(self, entry: _StEntry, rows: slice | None = None) -> np.ndarray:
+        """The entry's values as float32 (only `rows` of a 2-D one, when given)."""
         mm = self._maps.get(entry.file)
         if mm is None:
             mm = self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
-        raw = mm[entry.start : entry.start + entry.nbytes].view(_FLOAT_SAFETENSORS[entry.dtype]).reshape(entry.shape)
+        start, nbytes, shape = entry.start, entry.nbytes, entry.shape
+        if rows is not None:
+            row_bytes = entry.nbytes // entry.shape[0]
+            first, last, _ = rows.indices(entry.shape[0])
+            start, nbytes, shape = start + first * row_bytes, max(last - first, 0) * row_bytes, \
+                (max(last - first, 0), entry.shape[1])
+        raw = mm[start : start + nbytes].view(_FLOAT_SAFETENSORS[entry.dtype]).reshape(shape)
         x = bf16_to_f32(raw) if entry.dtype == "BF16" else np.array(raw, dtype=np.float32, order="C")
-        _release(mm, entry.start, entry.nbytes)
+        _release(mm, start, nbytes)
         return x
 
     # -- API --------------------------------------------------------------------------------
@@ -561,6 +576,15 @@ class HFSource(Source):
     def tensor(self, name: str) -> np.ndarray:
         self._info(name)
         return self._loaders[name]()
+
+    def tensor_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        self._info(name)
+        entry = self._row_entries.get(name)
+        if entry is None:
+            return super().tensor_rows(name, start, stop)
+        x = self._read(entry, slice(start, stop))
+        _check_finite(x, name, entry.file)
+        return x
 
     def source_type(self, name: str) -> str:
         self._info(name)

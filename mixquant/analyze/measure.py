@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import MixquantError
 from ..plan import layer_of
-from ..runtime import StreamedModel
+from ..runtime import StreamedModel, Values
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..arch import Adapter
     from ..source import Source
 
-Swap = dict[str, np.ndarray]  # GGUF name -> values in GGUF orientation, in place of the float32 ones
+Swap = dict[str, Values]  # GGUF name -> values in GGUF orientation, in place of the float32 ones
 
 # hidden states of candidates in flight take at most this share of the budget left after the weights
 _STATES_SHARE = 0.5
@@ -134,27 +134,28 @@ class Measurer:
     @contextmanager
     def _swapped(self, unit: str, swap: Swap) -> Iterator[None]:
         """The loaded `unit` with the swap's tensors that live in it in place; put back after."""
-        import torch
-
-        views = self.model.tensors_of(unit)
-        saved = {}
+        names = [name for name in swap if name in self.model.tensors_of(unit)]
         try:
-            with torch.no_grad():
-                for name, q in swap.items():
-                    v = views.get(name)
-                    if v is None:
-                        continue
-                    saved[name] = v.clone()
-                    x = self.model.adapter.from_gguf(name, np.asarray(q, dtype=np.float32), self.model.info)
-                    v.copy_(torch.from_numpy(np.ascontiguousarray(x)).reshape(v.shape))
+            self.model.assign(unit, {name: swap[name] for name in names})
             yield
         finally:
-            with torch.no_grad():
-                for name, x in saved.items():
-                    views[name].copy_(x)
+            self.model.restore(unit, names)
 
     def _touches(self, unit: str, swap: Swap) -> bool:
         return any(name in self.model.tensors_of(unit) for name in swap)
+
+    def _last_unit(self, name: str) -> str:
+        """The last unit whose pass reads tensor `name` (a tied token embedding: the head's)."""
+        u = unit_of(name, self.n_layer)
+        if u < 0:
+            return "head" if self.model.info.tied_output else "embed"
+        return "head" if u >= self.n_layer else f"blk.{u}"
+
+    def _drop_done(self, unit: str, chunk: list[Swap]) -> None:
+        """Free the candidates' values that no unit after `unit` reads."""
+        for swap in chunk:
+            for name in [n for n in swap if self._last_unit(n) == unit]:
+                del swap[name]
 
     # -- the measurement -------------------------------------------------------------------
 
@@ -192,6 +193,7 @@ class Measurer:
                         for s in chunk:
                             with self._swapped("embed", s):
                                 states.append(self.model.embed(ids).float().to("cpu"))
+                    self._drop_done("embed", chunk)
                     first = 0
                 else:
                     base = torch.from_numpy(self.ref.inputs[min(start, self.n_layer)])
@@ -209,6 +211,7 @@ class Measurer:
                             h = self._run_block(i, torch.cat([states[j] for j in shared]), per_call)
                             for m, j in enumerate(shared):
                                 states[j] = h[m * n:(m + 1) * n]
+                    self._drop_done(unit, chunk)
                 with self.model.loaded("head"):
                     for j, s in enumerate(chunk):
                         with self._swapped("head", s):

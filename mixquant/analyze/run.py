@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
 
 import numpy as np
 
-from ..calibrate import Distribution, weight_distribution
+from ..calibrate import Distribution, weight_distribution, weight_distribution_rows
 from ..errors import MixquantError
 from ..plan import layer_of
-from ..runtime import StreamedModel
+from ..runtime import RowSlices, StreamedModel
+from ..runtime.model import SLICED_BYTES, slice_rows
 from .measure import Measurer, Reference, Swap, measurement_windows, reference_pass, unit_of
 from .sensitivity import (
     LayerResult,
     Sensitivity,
     TensorSensitivity,
+    ErrorSums,
     TypeCost,
     candidate_types,
     predicted_error,
@@ -364,8 +366,15 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
     weights: dict[str, np.ndarray] = {}  # float32 (rows, cols) of the tensors quantized later
     fishers: dict[str, np.ndarray | None] = {}
 
-    def quantized(name: str, typ: str) -> np.ndarray:
-        """The tensor's values at `typ`; its predicted error and Fisher estimate recorded."""
+    sliced: dict[str, dict[str, _Sliced]] = {}  # large 2-D tensors: type -> its slices, never held whole
+
+    def quantized(name: str, typ: str) -> np.ndarray | RowSlices:
+        """The tensor's values at `typ`; its predicted error and Fisher estimate recorded (for a
+        sliced tensor, once the first pass over its slices is done)."""
+        if name in sliced:
+            cand = sliced[name][typ] = _Sliced(src, name, by_name[name].shape, typ, ctx, fishers[name],
+                                               tensors[name]["types"][typ], seconds)
+            return cand.values()
         w, f, imp = weights[name], fishers[name], ctx.importance.get(name)
         tq = time.perf_counter()
         q = _roundtrip(w, typ, imp, ctx.threads)
@@ -373,11 +382,7 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
         cost["predicted"] = predicted_error(w, q, imp)
         if f is not None:
             d = src.adapter.delta_to_hf(name, w - q, info)  # a row permutation: exact on the difference
-            f2 = f.reshape(d.shape)
-            step = max(1, (1 << 21) // d.shape[-1])  # row slices: no second tensor-sized temporary
-            rows_sum = np.concatenate([np.einsum("ij,ij->i", f2[r:r + step], d[r:r + step] * d[r:r + step])
-                                       for r in range(0, d.shape[0], step)])
-            cost["fisher"] = 0.5 * float(rows_sum.sum(dtype=np.float64))  # float64 across rows
+            cost["fisher"] = 0.5 * float(_fisher_rows(f.reshape(d.shape), d).sum(dtype=np.float64))
         seconds["quantize"] += time.perf_counter() - tq
         return q
 
@@ -388,19 +393,32 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
         name = entry["name"]
         t = by_name[name]
         rows, cols = math.prod(t.shape[:-1]), t.shape[-1]
-        weights[name] = w = np.ascontiguousarray(src.tensor(name), dtype=np.float32).reshape(rows, cols)
-        fishers[name] = None if entry["fisher"] is None else _read_fisher(entry["fisher"], name)
+        if len(t.shape) == 2 and 4 * rows * cols > SLICED_BYTES and not src.adapter.converts(name, info):
+            sliced[name] = {}
+            fishers[name] = entry["fisher"]  # the path of its file, read a slice at a time
+            step = _Sliced.rows_per_slice(cols)
+            dist = weight_distribution_rows(lambda start, stop, name=name: src.tensor_rows(name, start, stop),
+                                            rows, step)
+            held = 4 * step * cols
+        else:
+            weights[name] = w = np.ascontiguousarray(src.tensor(name), dtype=np.float32).reshape(rows, cols)
+            fishers[name] = None if entry["fisher"] is None else _read_fisher(entry["fisher"], name)
+            dist = weight_distribution(w)
+            held = w.nbytes
         costs = {typ: {"bytes": formats.quantized_size(typ, (rows, cols)), "predicted": 0.0,
                        "measured": 0.0 if typ == "F32" else None,
                        "fisher": None if fishers[name] is None or typ != "F32" else 0.0} for typ in entry["types"]}
-        tensors[name] = {"types": costs, "weights": asdict(weight_distribution(w))}
+        tensors[name] = {"types": costs, "weights": asdict(dist)}
         for typ in entry["types"]:
             if typ == "F32":
                 continue
             if typ in entry["measure"]:
-                swaps.append(lambda name=name, typ=typ, shape=t.shape: {name: quantized(name, typ).reshape(shape)})
+                swaps.append(lambda name=name, typ=typ, shape=t.shape: {name: _shaped(quantized(name, typ), shape)})
                 owners.append((name, typ))
-                swap_bytes = max(swap_bytes, w.nbytes)
+                swap_bytes = max(swap_bytes, held)
+            elif name in sliced:
+                quantized(name, typ)
+                sliced[name][typ].finish()
             else:
                 quantized(name, typ)
 
@@ -418,6 +436,9 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
         swap_bytes = max(swap_bytes, sum(4 * t.n_elements for t in block))
 
     measured = measurer.measure(payload["unit"], swaps, swap_bytes) if swaps else []
+    for by_type in sliced.values():
+        for cand in by_type.values():
+            cand.finish()  # a no-op after a swap's pass over all rows
     sweep = []
     for (name, typ), (kld, nll) in zip(owners, measured):
         if name == "sweep":
@@ -428,11 +449,69 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
     return {"tensors": tensors, "sweep": sweep, "seconds_quantize": seconds["quantize"]}
 
 
-def _read_fisher(path: str, name: str) -> np.ndarray:
+def _read_fisher(path: str, name: str, rows: slice | None = None) -> np.ndarray:
     from safetensors import safe_open
 
     with safe_open(path, framework="numpy") as f:
-        return f.get_tensor(name)
+        return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+
+
+def _fisher_rows(f: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Per row, sum_j f_ij d_ij^2 (Fisher diagonal f, weight change d, same layout), float32."""
+    step = max(1, (1 << 21) // d.shape[-1])  # row slices: no second tensor-sized temporary
+    return np.concatenate([np.einsum("ij,ij->i", f[r:r + step], d[r:r + step] * d[r:r + step])
+                           for r in range(0, d.shape[0], step)])
+
+
+def _shaped(values: np.ndarray | RowSlices, shape: tuple[int, ...]) -> np.ndarray | RowSlices:
+    return values if isinstance(values, RowSlices) else values.reshape(shape)
+
+
+class _Sliced:
+    """A large 2-D tensor (a big vocabulary's embedding or output) at one candidate type, made a
+    slice of rows at a time: each slice read from the source and quantized when asked for. The
+    first pass over all rows, in order, also sums the predicted error and the Fisher estimate into
+    `cost`, equal bit for bit to the whole tensor's (slices are whole multiples of ErrorSums'
+    step, and the Fisher estimate is summed over all rows at the end)."""
+
+    @staticmethod
+    def rows_per_slice(cols: int) -> int:
+        return slice_rows(cols, ErrorSums(cols).step)
+
+    def __init__(self, src: Source, name: str, shape: tuple[int, ...], typ: str, ctx: _Context,
+                 fisher_file: str | None, cost: dict[str, Any], seconds: dict[str, float]):
+        self.src, self.name, self.typ, self.cost, self.seconds = src, name, typ, cost, seconds
+        self.importance, self.threads, self.fisher_file = ctx.importance.get(name), ctx.threads, fisher_file
+        rows, cols = shape
+        self.shape, self.step = (rows, cols), self.rows_per_slice(cols)
+        self._errors = ErrorSums(cols)
+        self._fisher: list[np.ndarray] = []
+        self._next = 0  # rows summed so far
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        tq = time.perf_counter()
+        w = self.src.tensor_rows(self.name, start, stop)
+        q = _roundtrip(w, self.typ, self.importance, self.threads)
+        if start == self._next < self.shape[0]:
+            self._errors.add(w, q)
+            if self.fisher_file is not None:
+                self._fisher.append(_fisher_rows(_read_fisher(self.fisher_file, self.name, slice(start, stop)), w - q))
+            self._next = stop
+            if stop == self.shape[0]:
+                self.cost["predicted"] = self._errors.value(self.importance)
+                if self.fisher_file is not None:
+                    self.cost["fisher"] = 0.5 * float(np.concatenate(self._fisher).sum(dtype=np.float64))
+                    self._fisher = []
+        self.seconds["quantize"] += time.perf_counter() - tq
+        return q
+
+    def values(self) -> RowSlices:
+        return RowSlices(shape=self.shape, step=self.step, rows=self.rows)
+
+    def finish(self) -> None:
+        """Sum whatever rows no pass has yet (all of them for a candidate not swapped in)."""
+        for start in range(self._next, self.shape[0], self.step):
+            self.rows(start, min(start + self.step, self.shape[0]))
 
 
 def _sweep_swap(src: Source, block: list[TensorInfo], used: dict[str, str], known: dict[str, np.ndarray],

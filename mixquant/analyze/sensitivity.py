@@ -460,29 +460,44 @@ def candidate_types(shape: tuple[int, ...], types: Iterable[str] | None = None) 
     return [t for t in dict.fromkeys(names) if cols % formats.get(t).block_size == 0]
 
 
+class ErrorSums:
+    """The sums behind `predicted_error`, added a slice of rows at a time: per input column (and
+    per expert of a stack), sum (w - q)^2 and sum w^2 in float64. Slices that are whole multiples
+    of `step` rows give the same sums, bit for bit, as the whole tensor at once."""
+
+    def __init__(self, cols: int, groups: int = 1):
+        self.cols, self.groups = cols, groups
+        self.err = np.zeros((groups, cols))
+        self.ref = np.zeros((groups, cols))
+        self.step = max(1, (1 << 20) // (groups * cols))  # about 8 MB of float64 per slice
+
+    def add(self, w: np.ndarray, q: np.ndarray) -> None:
+        w3 = w.reshape(self.groups, -1, self.cols)
+        q3 = q.reshape(w3.shape)
+        for s in range(0, w3.shape[1], self.step):
+            a = w3[:, s:s + self.step].astype(np.float64)
+            d = q3[:, s:s + self.step].astype(np.float64) - a
+            self.err += np.einsum("gij,gij->gj", d, d)
+            self.ref += np.einsum("gij,gij->gj", a, a)
+
+    def value(self, importance: np.ndarray | None) -> float:
+        err, ref = self.err.reshape(-1), self.ref.reshape(-1)
+        if importance is not None:
+            imp = np.asarray(importance, dtype=np.float64).reshape(-1)
+            err, ref = err @ imp, ref @ imp
+        else:
+            err, ref = err.sum(), ref.sum()
+        return float(err / ref) if ref > 0 else 0.0
+
+
 def predicted_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray | None) -> float:
     """sum_ij imp_j (w_ij - q_ij)^2 / sum_ij imp_j w_ij^2 (imp all ones when None), in float64;
     an importance of n vectors (a stack of n experts) weighs each expert's rows with its own.
     Summed over slices of rows, so the float64 temporaries stay small next to a large tensor."""
     groups = 1 if importance is None else max(1, np.size(importance) // w.shape[-1])
-    cols = w.shape[-1]
-    w3 = w.reshape(groups, -1, cols)
-    q3 = q.reshape(w3.shape)
-    err = np.zeros((groups, cols))
-    ref = np.zeros((groups, cols))
-    step = max(1, (1 << 20) // (groups * cols))  # about 8 MB of float64 per slice
-    for s in range(0, w3.shape[1], step):
-        a = w3[:, s:s + step].astype(np.float64)
-        d = q3[:, s:s + step].astype(np.float64) - a
-        err += np.einsum("gij,gij->gj", d, d)
-        ref += np.einsum("gij,gij->gj", a, a)
-    err, ref = err.reshape(-1), ref.reshape(-1)
-    if importance is not None:
-        imp = np.asarray(importance, dtype=np.float64).reshape(-1)
-        err, ref = err @ imp, ref @ imp
-    else:
-        err, ref = err.sum(), ref.sum()
-    return float(err / ref) if ref > 0 else 0.0
+    sums = ErrorSums(w.shape[-1], groups)
+    sums.add(w, q)
+    return sums.value(importance)
 
 
 def scored_pairs(sens: Sensitivity, kind: str = "predicted") -> list[tuple[str, float, float]]:

@@ -173,6 +173,11 @@ class Adapter:
             x = x - np.float32(self.norm_shift)
         return x
 
+    def converts(self, name: str, info: ModelInfo) -> bool:
+        """Whether `to_gguf`/`from_gguf` change this tensor (a q/k permutation, a norm shift); when
+        not, checkpoint and GGUF rows are the same and can be read or written a slice at a time."""
+        return self._qk_heads(name, info) is not None or self._shifted(name)
+
     def delta_to_hf(self, name: str, d: np.ndarray, info: ModelInfo) -> np.ndarray:
         """A difference of two GGUF tensors in the transformers layout (no shift: it cancels)."""
         heads = self._qk_heads(name, info)

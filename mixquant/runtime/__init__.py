@@ -4,8 +4,8 @@ independent work items over processes or machines (`executor`). Calibration, ana
 evaluation all run their forward passes through it."""
 
 from .memory import available_memory, budget_from, format_size, parse_size, peak_rss
-from .model import StreamedModel, resolve_device
+from .model import RowSlices, StreamedModel, Values, resolve_device
 from .states import HiddenStates
 
-__all__ = ["StreamedModel", "HiddenStates", "resolve_device", "available_memory", "budget_from", "format_size",
+__all__ = ["StreamedModel", "RowSlices", "Values", "HiddenStates", "resolve_device", "available_memory", "budget_from", "format_size",
            "parse_size", "peak_rss"]

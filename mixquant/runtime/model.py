@@ -13,7 +13,8 @@ GGUF orientation, e.g. a quantized file's dequantized tensors) runs a quantized 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 
@@ -30,6 +31,28 @@ DEVICES = ("cpu", "cuda", "mps", "auto")
 # the forward pass's own working memory on top of the weights, as a multiple of one unit's bytes
 # (activations of a chunk of windows, attention scores, the upcast copy of a bf16 tensor)
 _WORKING_FACTOR = 1.0
+# a 2-D tensor above this many float32 bytes (a large vocabulary's embedding or output) is read and
+# written a slice of rows at a time, so no whole temporary copy of it is made
+SLICED_BYTES = 64 << 20
+_SLICE_BYTES = 16 << 20
+
+
+@dataclass
+class RowSlices:
+    """The values of a 2-D tensor (GGUF orientation) made `step` rows at a time by `rows(start,
+    stop)`: how a tensor too large to copy whole is loaded, swapped in and put back."""
+
+    shape: tuple[int, int]
+    step: int
+    rows: Callable[[int, int], np.ndarray]
+
+
+Values = Union[np.ndarray, RowSlices]  # a tensor's values, GGUF orientation
+
+
+def slice_rows(cols: int, multiple: int = 1) -> int:
+    """Rows per slice of a tensor with `cols` columns: about 16 MB of float32, a multiple of `multiple`."""
+    return multiple * max(1, _SLICE_BYTES // (4 * cols * multiple))
 
 
 def resolve_device(name: str | None = "cpu") -> torch.device:
@@ -211,12 +234,37 @@ class StreamedModel:
             data = torch.empty(p.shape, dtype=torch.float32)
             for hf_name, view in self.adapter.split_parameter(f"{prefix}{pname}", data):
                 name = self._gguf_name(hf_name)
-                x = self.adapter.from_gguf(name, np.asarray(self.weights(name), dtype=np.float32), self.info)
-                if tuple(x.shape) != tuple(view.shape):
-                    raise MixquantError(f"tensor {name}: shape {tuple(x.shape)} does not fit the model's "
-                                        f"{tuple(view.shape)}")
-                view.copy_(torch.from_numpy(np.ascontiguousarray(x)))
+                self._write(view, name, self._provided(name, tuple(view.shape)))
             owner._parameters[attr] = torch.nn.Parameter(data.to(self.device, self.dtype), requires_grad=False)
+
+    def _provided(self, name: str, shape: tuple[int, ...]) -> Values:
+        """The provider's values of GGUF tensor `name`: in slices of rows when it is a large 2-D
+        tensor read straight from the source (checkpoint and GGUF rows the same)."""
+        rows = shape[0] if len(shape) == 2 else 0
+        if self.weights == self.source.tensor and rows and 4 * rows * shape[1] > SLICED_BYTES \
+                and not self.adapter.converts(name, self.info):
+            return RowSlices(shape=(rows, shape[1]), step=slice_rows(shape[1]),
+                             rows=lambda start, stop: self.source.tensor_rows(name, start, stop))
+        return self.weights(name)
+
+    def _write(self, view: torch.Tensor, name: str, values: Values) -> None:
+        """GGUF tensor `name`'s values into `view` (its parameter, or its part of a fused one),
+        converted to the transformers layout and the view's dtype."""
+        import torch
+
+        if isinstance(values, RowSlices):
+            if self.adapter.converts(name, self.info) or tuple(values.shape) != tuple(view.shape):
+                raise MixquantError(f"tensor {name}: row slices of shape {values.shape} do not fit the model's "
+                                    f"{tuple(view.shape)}")
+            for start in range(0, values.shape[0], values.step):
+                stop = min(start + values.step, values.shape[0])
+                view[start:stop].copy_(torch.from_numpy(np.ascontiguousarray(values.rows(start, stop),
+                                                                             dtype=np.float32)))
+            return
+        x = self.adapter.from_gguf(name, np.asarray(values, dtype=np.float32), self.info)
+        if tuple(x.shape) != tuple(view.shape):
+            raise MixquantError(f"tensor {name}: shape {tuple(x.shape)} does not fit the model's {tuple(view.shape)}")
+        view.copy_(torch.from_numpy(np.ascontiguousarray(x)))
 
     def _prefix(self, module: torch.nn.Module) -> str:
         for name, m in self.model.named_modules():
@@ -266,16 +314,36 @@ class StreamedModel:
                 del self._held[unit]
                 self.release(unit)
 
+    def _by_name(self, named: Iterable[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        """(transformers parameter name, tensor) -> {GGUF name: the tensor, or its view of a fused one};
+        a tied output appears once, as token_embd.weight."""
+        out: dict[str, torch.Tensor] = {}
+        for full_name, x in named:
+            if x is None:
+                continue
+            for hf_name, view in self.adapter.split_parameter(full_name, x):
+                out.setdefault(self._gguf_name(hf_name), view)
+        return out
+
     def _named(self, unit: str, of_grad: bool = False) -> dict[str, torch.Tensor]:
+        return self._by_name((f"{self._prefix(module)}{pname}", p.grad if of_grad else p.data)
+                             for module in self.modules_of(unit) for pname, p in module.named_parameters(recurse=True))
+
+    def parameters_by_name(self) -> dict[str, torch.Tensor]:
+        """GGUF tensor name -> the skeleton's parameter (or the view of a fused one) holding it now:
+        real where its unit is loaded, on the meta device otherwise."""
+        return self._by_name(self.model.named_parameters())
+
+    def linear_weights(self) -> dict[torch.nn.Linear, str]:
+        """Every nn.Linear of the skeleton -> the GGUF weight it multiplies its input by (a tied
+        output's: token_embd.weight). Modules keep their identity while weights come and go."""
+        import torch
+
         out = {}
-        for module in self.modules_of(unit):
-            prefix = self._prefix(module)
-            for pname, p in module.named_parameters(recurse=True):
-                data = p.grad if of_grad else p.data
-                if data is None:
-                    continue
-                for hf_name, view in self.adapter.split_parameter(f"{prefix}{pname}", data):
-                    out[self._gguf_name(hf_name)] = view
+        for module_name, name in self.adapter.linear_modules(self.model, self.info.n_layer).items():
+            module = self.model.get_submodule(module_name)
+            if isinstance(module, torch.nn.Linear):
+                out[module] = "token_embd.weight" if name == "output.weight" and self.info.tied_output else name
         return out
 
     def tensors_of(self, unit: str) -> dict[str, torch.Tensor]:
@@ -286,6 +354,26 @@ class StreamedModel:
         if unit not in self._views:
             self._views[unit] = self._named(unit)
         return self._views[unit]
+
+    def assign(self, unit: str, values: dict[str, Values]) -> None:
+        """Put these values (GGUF name -> values in GGUF orientation, e.g. a candidate's quantized
+        weights) in place of the loaded unit's tensors of those names; `restore` undoes it."""
+        import torch
+
+        views = self.tensors_of(unit)
+        with torch.no_grad():
+            for name, x in values.items():
+                self._write(views[name], name, x)
+
+    def restore(self, unit: str, names: Iterable[str]) -> None:
+        """The provider's values back into these tensors of the loaded unit (after `assign`), read
+        again rather than kept: no second copy of a swapped tensor is held meanwhile."""
+        import torch
+
+        views = self.tensors_of(unit)
+        with torch.no_grad():
+            for name in names:
+                self._write(views[name], name, self._provided(name, tuple(views[name].shape)))
 
     def gradients_of(self, unit: str) -> dict[str, torch.Tensor]:
         """GGUF name -> the gradient of the loaded unit's tensor (after a backward pass)."""

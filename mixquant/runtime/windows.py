@@ -2,8 +2,7 @@
 window embedded, then each decoder block loaded once and every window run through it, the hidden
 states in between kept in a `HiddenStates` (spilled to disk beyond their share of the budget). Each
 window is its own call, so every value is bit for bit what transformers' forward of that window
-computes. Also the maps from the skeleton's parameters and linear modules to GGUF names, which
-stay valid while weights come and go (modules keep their identity)."""
+computes."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ if TYPE_CHECKING:
 
     from .model import StreamedModel
 
-__all__ = ["run_windows", "states_allowance", "gguf_parameters", "linear_weights"]
+__all__ = ["run_windows", "states_allowance"]
 
 
 def states_allowance(model: StreamedModel) -> int:
@@ -61,27 +60,3 @@ def run_windows(model: StreamedModel, windows: torch.Tensor, *, allowance: int |
             states.close()
         raise
     return states
-
-
-def gguf_parameters(model: StreamedModel) -> dict[str, torch.Tensor]:
-    """GGUF tensor name -> the skeleton's parameter (or the view of a fused one) holding it now:
-    real where its unit is loaded, on the meta device otherwise; a tied output appears once, as
-    token_embd.weight."""
-    out: dict[str, torch.Tensor] = {}
-    for full_name, p in model.model.named_parameters():
-        for hf_name, view in model.adapter.split_parameter(full_name, p):
-            out.setdefault(model._gguf_name(hf_name), view)
-    return out
-
-
-def linear_weights(model: StreamedModel) -> dict[torch.nn.Linear, str]:
-    """Every nn.Linear of the skeleton -> the GGUF weight it multiplies its input by (a tied
-    output's: token_embd.weight)."""
-    import torch
-
-    out = {}
-    for module_name, name in model.adapter.linear_modules(model.model, model.info.n_layer).items():
-        module = model.model.get_submodule(module_name)
-        if isinstance(module, torch.nn.Linear):
-            out[module] = "token_embd.weight" if name == "output.weight" and model.info.tied_output else name
-    return out
