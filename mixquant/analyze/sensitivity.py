@@ -460,10 +460,28 @@ def candidate_types(shape: tuple[int, ...], types: Iterable[str] | None = None) 
     return [t for t in dict.fromkeys(names) if cols % formats.get(t).block_size == 0]
 
 
-def predicted_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray | None) -> float:
+def predicted_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray | None,
+                    hessian: np.ndarray | None = None) -> float:
     """sum_ij imp_j (w_ij - q_ij)^2 / sum_ij imp_j w_ij^2 (imp all ones when None), in float64;
     an importance of n vectors (a stack of n experts) weighs each expert's rows with its own.
-    Summed over slices of rows, so the float64 temporaries stay small next to a large tensor."""
+    Summed over slices of rows, so the float64 temporaries stay small next to a large tensor.
+
+    With `hessian` (the input's H = sum x x^T, (cols, cols)), the H-weighted error instead:
+    tr((W - Q) H (W - Q)^T) / tr(W H W^T), the output error relative to the output's energy. It
+    is the same number for a diagonal H = rows x imatrix, and the one GPTQ's rounding lowers (its
+    errors are correlated across columns, which the diagonal cannot see)."""
+    if hessian is not None:
+        h = np.asarray(hessian, dtype=np.float64)
+        w2 = w.reshape(-1, h.shape[0])
+        q2 = q.reshape(w2.shape)
+        step = max(1, (1 << 20) // h.shape[0])
+        err = ref = 0.0
+        for s in range(0, w2.shape[0], step):
+            a = w2[s:s + step].astype(np.float64)
+            d = q2[s:s + step].astype(np.float64) - a
+            err += float(np.einsum("ij,ij->", d @ h, d))
+            ref += float(np.einsum("ij,ij->", a @ h, a))
+        return err / ref if ref > 0 else 0.0
     groups = 1 if importance is None else max(1, np.size(importance) // w.shape[-1])
     cols = w.shape[-1]
     w3 = w.reshape(groups, -1, cols)
