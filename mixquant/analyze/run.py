@@ -369,6 +369,7 @@ class _Rounding:
             self.hessians = _HESSIANS[ctx.token]
         self.tied = bool(info.tied_output)
         self._factors: dict[str, Any] = {}
+        self._matrices: dict[str, np.ndarray] = {}
 
     def input(self, name: str) -> str | None:
         """The Hessian key of the tensor's input, None where it is rounded to nearest."""
@@ -379,7 +380,9 @@ class _Rounding:
 
     def hessian(self, name: str) -> np.ndarray | None:
         key = self.input(name)
-        return None if key is None else self.hessians.matrix(key)
+        if key is not None and key not in self._matrices:
+            self._matrices[key] = self.hessians.matrix(key)
+        return None if key is None else self._matrices[key]
 
     def __call__(self, name: str, w: np.ndarray, type_name: str, importance: np.ndarray | None) -> np.ndarray:
         from .. import formats
@@ -390,7 +393,7 @@ class _Rounding:
             data = formats.quantize(w, type_name, importance=importance, threads=self.threads)
         else:
             if key not in self._factors:
-                self._factors[key] = gptq.factor(self.hessians.matrix(key), DEFAULT_DAMP)
+                self._factors[key] = gptq.factor(self.hessian(name), DEFAULT_DAMP)
             data = gptq.quantize(w, type_name, importance=importance, prepared=self._factors[key])
         return formats.dequantize(data, type_name, w.shape)
 
