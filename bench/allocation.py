@@ -16,10 +16,17 @@ On a bundled test model (`--model`: smollm2, SmolLM2-135M, the default; or gemma
 4. with `--referee`, each plan is also written as a GGUF (export.write_gguf) and scored by
    llama.cpp's own llama-perplexity --kl-divergence against the F32 GGUF (`--referee-chunks`).
 
+`--method gptq` (or `rtn,gptq` for both side by side): mixquant's plans are analysed with
+`mixquant analyze --method gptq` (every candidate's damage measured with GPTQ's rounding, in
+`<analysis>-gptq`) and written with it (`quantize --method gptq`, the analysis's Hessians); such a
+plan is evaluated from its written GGUF. The presets stay llama.cpp's (llama-imatrix's imatrix).
+`--analyze-args "--chunks 32"` passes settings to the analyses this bench runs.
+
 Prints a table (size, bpw, PPL, mean/p99 KLD, top-1, and mixquant's KLD relative to the preset
 with imatrix), writes results.json, the chosen plans, and kld_vs_bpw.png into `--out`.
 
 Run: .venv/bin/python bench/allocation.py [--model gemma3] [--out bench-out] [--analysis DIR] [--threads 2] [--referee]
+         [--method rtn,gptq] [--analyze-args "--chunks 32 --sweep-types ''"]
 """
 
 from __future__ import annotations
@@ -39,21 +46,33 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def get_analysis(args, folder: Path, calib: Path):
-    """(imatrix, sensitivity) from `mixquant analyze` in --analysis, run there first if missing."""
+def analysis_folder(args, method: str) -> Path:
+    return args.analysis if method == "rtn" else args.analysis.with_name(f"{args.analysis.name}-{method}")
+
+
+def get_analysis(args, folder: Path, calib: Path, method: str = "rtn"):
+    """(imatrix, sensitivity) from `mixquant analyze --method METHOD` in its analysis folder, run
+    there first if missing."""
+    import shlex
+
     from mixquant.analyze import Sensitivity
     from mixquant.calibrate import read_imatrix
 
-    if not (args.analysis / "sensitivity.json").is_file():
+    where = analysis_folder(args, method)
+    if not (where / "sensitivity.json").is_file():
         start = time.perf_counter()
-        mixquant = str(Path(sys.executable).with_name("mixquant"))
-        subprocess.run([mixquant, "analyze", str(folder), "--text", str(calib), "-o", str(args.analysis),
+        # this checkout's mixquant (python -m), not whichever the console script points at
+        subprocess.run([sys.executable, "-m", "mixquant.cli", "analyze", str(folder), "--text", str(calib),
+                        "-o", str(where), "--method", method, *shlex.split(args.analyze_args),
                         *(["--threads", str(args.threads)] if args.threads else [])], check=True)
-        log(f"analysis: {time.perf_counter() - start:.0f} s -> {args.analysis}")
-    imatrix = read_imatrix(args.analysis / "imatrix.gguf")
-    sens = Sensitivity.load(args.analysis / "sensitivity.json")
-    log(f"analysis: {args.analysis} (imatrix {imatrix.chunks} chunks; {sens.settings['measured_pairs']} pairs "
-        f"measured on {sens.settings['tokens']} tokens, basis {sens.basis})")
+        log(f"analysis: {time.perf_counter() - start:.0f} s -> {where}")
+    imatrix = read_imatrix(where / "imatrix.gguf")
+    sens = Sensitivity.load(where / "sensitivity.json")
+    measured = sens.settings.get("method", "rtn")
+    if measured != method:
+        raise SystemExit(f"{where}: analysed with --method {measured}, not {method}")
+    log(f"analysis: {where} (imatrix {imatrix.chunks} chunks; {sens.settings['measured_pairs']} pairs "
+        f"measured on {sens.settings['tokens']} tokens, basis {sens.basis}, {method} rounding)")
     return imatrix, sens
 
 
@@ -73,6 +92,16 @@ def _parse_perplexity(text: str) -> dict:
         "kld_p99": grab(r"99\.0%\s+KLD:\s*([0-9.eE+-]+)"),
         "top1": grab(r"Same top p:\s*([0-9.]+)") / 100.0,
     }
+
+
+def write_plan(source, folder: Path, label: str, plan, imatrix, quantizer=None):
+    """(path, WriteResult): the plan written as a GGUF (with `quantizer`'s rounding, e.g. gptq)."""
+    from mixquant.export import write_gguf
+
+    path = folder / (re.sub(r"[^A-Za-z0-9_.+-]+", "_", label) + ".gguf")
+    if imatrix is not None and hasattr(imatrix, "as_dict"):
+        imatrix = imatrix.as_dict()
+    return path, write_gguf(source, plan, path, importance=imatrix, progress=False, quantizer=quantizer)
 
 
 class Referee:
@@ -101,13 +130,8 @@ class Referee:
             raise RuntimeError(f"llama-perplexity failed: {done.stderr[-2000:]}")
         return done.stdout + done.stderr
 
-    def score(self, label: str, plan, imatrix) -> dict:
-        from mixquant.export import write_gguf
-
-        path = self.dir / (re.sub(r"[^A-Za-z0-9_.+-]+", "_", label) + ".gguf")
-        if imatrix is not None and hasattr(imatrix, "as_dict"):
-            imatrix = imatrix.as_dict()
-        res = write_gguf(self.source, plan, path, importance=imatrix, progress=False)
+    def score(self, label: str, plan, imatrix, quantizer=None) -> dict:
+        path, res = write_plan(self.source, self.dir, label, plan, imatrix, quantizer)
         out = self.score_file(path)
         out.update(file_bytes=res.bytes, tensor_bytes=res.tensor_bytes)
         if not self.args.keep_gguf:
@@ -133,7 +157,8 @@ def plot(rows: list[dict], out: Path, with_referee: bool, model_name: str) -> Pa
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     styles = {"preset": ("tab:gray", "s", "llama.cpp preset"),
               "preset+imatrix": ("tab:orange", "o", "llama.cpp preset + imatrix"),
-              "mixquant": ("tab:blue", "D", "mixquant (same tensor bytes)")}
+              "mixquant": ("tab:blue", "D", "mixquant (same tensor bytes)"),
+              "mixquant-gptq": ("tab:green", "^", "mixquant, gptq (same tensor bytes)")}
     for kind, (color, marker, label) in styles.items():
         pts = sorted((r["bits_per_weight"], r["kld_mean"], r["preset"]) for r in rows if r["kind"] == kind)
         if not pts:
@@ -175,6 +200,10 @@ def main() -> int:
     p.add_argument("--referee", action="store_true", help="also score GGUF files with llama-perplexity")
     p.add_argument("--referee-chunks", type=int, default=40)
     p.add_argument("--keep-gguf", action="store_true")
+    p.add_argument("--method", default="rtn", help="mixquant's rounding, analysed and written: rtn (default), gptq, "
+                   "or rtn,gptq for both")
+    p.add_argument("--analyze-args", default="", help="extra arguments for the `mixquant analyze` runs, e.g. "
+                   "\"--chunks 32 --sweep-types ''\"")
     args = p.parse_args()
     if args.out is None:
         from mixquant.cache import cache_dir
@@ -200,7 +229,11 @@ def main() -> int:
     source = open_source(folder)
     info = source.model
 
-    imatrix, sens = get_analysis(args, folder, calib)
+    mix_methods = args.method.split(",")
+    if not set(mix_methods) <= {"rtn", "gptq"}:
+        p.error(f"--method: rtn, gptq or rtn,gptq, not {args.method}")
+    analyses = {m: get_analysis(args, folder, calib, m) for m in mix_methods}
+    imatrix, sens = analyses[mix_methods[0]]
     # what llama-imatrix collects of it (blk.* only): the presets get exactly that
     llama_imatrix = {name: v for name, v in imatrix.as_dict().items() if name.startswith("blk.")}
     fit = sens.fit_report()
@@ -210,8 +243,17 @@ def main() -> int:
             f"|log(fitted/measured)| {fit['median_abs_log_ratio']:.3f}, {100 * fit['within_factor_2']:.0f}% within "
             f"a factor 2 (scale only: {fit['median_abs_log_ratio_without_type_factors']:.3f}, "
             f"{100 * fit['within_factor_2_without_type_factors']:.0f}%)")
-    # (kind, label prefix, sensitivity, importance): what mixquant is run with
-    methods = [("mixquant", "mixquant", sens, imatrix)]
+    # (kind, label prefix, sensitivity, importance, quantizer): what mixquant is run with
+    methods = []
+    for m in mix_methods:
+        quantizer = None
+        if m == "gptq":
+            from mixquant.hessians import Hessians
+            from mixquant.quantize import HessianQuantizer
+
+            quantizer = HessianQuantizer(Hessians.load(analysis_folder(args, m) / "hessians.safetensors"), info)
+        kind = "mixquant" if m == "rtn" else f"mixquant-{m}"
+        methods.append((kind, kind, analyses[m][1], analyses[m][0], quantizer))
 
     referee = Referee(args, source, eval_text) if args.referee else None
     rows = []
@@ -226,21 +268,34 @@ def main() -> int:
             budget = plan.total_bytes
             entries = []
             if not args.no_plain:
-                entries.append((preset, "preset", plan, None, None))
-            entries.append((f"{preset} +imatrix", "preset+imatrix", plan, llama_imatrix, None))
-            for kind, prefix, sn, imp in methods:
+                entries.append((preset, "preset", plan, None, None, None))
+            entries.append((f"{preset} +imatrix", "preset+imatrix", plan, llama_imatrix, None, None))
+            for kind, prefix, sn, imp, quantizer in methods:
                 alloc = allocate(sn, max_bytes=budget)
                 log(f"{preset}: {budget:,} tensor bytes; {kind}: {alloc}")
                 (args.out / f"plan-{kind}-{preset}.json").write_text(json.dumps(alloc.plan.types, indent=1))
-                entries.append((f"{prefix}@{preset}", kind, alloc.plan, imp, alloc))
-            for label, kind, pl, im, alloc in entries:
-                r = ev.evaluate_plan(pl, imatrix=im, label=label)
+                entries.append((f"{prefix}@{preset}", kind, alloc.plan, imp, alloc, quantizer))
+            for label, kind, pl, im, alloc, quantizer in entries:
+                if quantizer is None:
+                    r = ev.evaluate_plan(pl, imatrix=im, label=label)
+                    referee_row = None if referee is None else referee.score(label, pl, im)
+                else:  # the in-memory evaluator rounds to nearest: evaluate the written file instead
+                    tq = time.perf_counter()
+                    path, res = write_plan(source, args.out, label, pl, im, quantizer)
+                    log(f"  {label}: written with {kind} in {time.perf_counter() - tq:.0f} s")
+                    r = ev.evaluate_gguf(path, label=label)
+                    referee_row = None
+                    if referee is not None:
+                        referee_row = {**referee.score_file(path), "file_bytes": res.bytes,
+                                       "tensor_bytes": res.tensor_bytes}
+                    if not args.keep_gguf:
+                        path.unlink()
                 row = {**r.to_dict(), "preset": preset, "kind": kind}
                 if alloc is not None:
                     row.update(predicted_damage=alloc.damage, lower_bound=alloc.lower_bound, method=alloc.method,
                                token_embd=pl.types.get("token_embd.weight"))
-                if referee is not None:
-                    row["referee"] = referee.score(label, pl, im)
+                if referee_row is not None:
+                    row["referee"] = referee_row
                 log(f"  {label:22s} {r.bytes:>12,} B {r.bits_per_weight:6.3f} bpw  PPL {r.ppl:8.4f}  "
                     f"KLD {r.kld_mean:.5f} (p99 {r.kld_p99:.4f})  top-1 {100 * r.top1:.2f}%"
                     + (f"  | llama-perplexity KLD {row['referee']['kld_mean']:.5f}" if referee else ""))

@@ -119,10 +119,13 @@ def _rules(args: argparse.Namespace):
 _ON_THE_FLY_CHUNKS = 64
 
 
-def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool):
+def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool, hessians=None):
     """(sensitivity, imatrix): --sensitivity; for an allocation without one, --text analysed on the
-    fly as `mixquant analyze` would (calibrating an imatrix there too unless --imatrix gives one);
-    else no sensitivity."""
+    fly as `mixquant analyze` would (calibrating an imatrix there too unless --imatrix gives one),
+    with --method's rounding (gptq: through `hessians`); else no sensitivity.
+
+    An allocation refuses a sensitivity measured with another rounding method than --method: its
+    damages are those of the other method's bytes (files without the field are rtn's)."""
     from .analyze import Sensitivity, analyze
     from .calibrate import calibrate
     from .text import read_text
@@ -130,6 +133,11 @@ def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool):
     if args.sensitivity:
         sens = Sensitivity.load(args.sensitivity)
         sens.check_model(source.model, args.sensitivity)
+        measured = sens.settings.get("method", "rtn")
+        if allocating and measured != args.method:
+            raise MixquantError(f"{args.sensitivity}: measured with --method {measured}, but this allocation writes "
+                                f"--method {args.method}; give --method {measured}, or analyse with "
+                                f"--method {args.method}")
         return sens, imatrix
     if not allocating:
         return None, imatrix
@@ -144,7 +152,7 @@ def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool):
                                 **_runtime(args)).imatrix
             print(f"imatrix: calibrated on {imatrix.chunks} chunks of {args.text}", file=sys.stderr)
         sens = analyze(source, imatrix, text=args.text, fisher=True, threads=args.threads, progress=progress,
-                       **_runtime(args))
+                       method=args.method, hessians=hessians, **_runtime(args))
     except MixquantError as exc:
         raise MixquantError(f"analysing --text {args.text} on the fly: {exc}") from None
     return sens, imatrix
@@ -221,7 +229,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         quantizer = None
         if gptq and not args.dry_run:
             quantizer, imatrix = _gptq_quantizer(args, source, imatrix)
-        sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets))
+        sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets),
+                                     hessians=None if quantizer is None else quantizer.hessians)
         if targets:
             plan = _allocated_plan(args, source, sens)
         elif args.recipe is not None:
@@ -294,6 +303,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     types = [formats.get(t).name for t in args.types.split(",")] if args.types else None
     sweep = DEFAULT_SWEEP_TYPES if args.sweep_types is None else [
         formats.get(t).name for t in args.sweep_types.split(",") if t]
+    gptq = args.method == "gptq"
+    if args.hessians and not gptq:
+        raise MixquantError("--hessians goes with --method gptq")
+    if gptq and args.no_hessians and not args.hessians:
+        raise MixquantError("--method gptq rounds with the Hessians this run calibrates: leave out --no-hessians, "
+                            "or give --hessians FILE")
     progress = sys.stderr.isatty()
     timings: dict[str, float] = {}
     if args.ray and args.ray != "local":  # a cluster that does not answer fails now, not after calibration
@@ -306,17 +321,18 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             raise MixquantError(f"{args.src}: analyze needs a Hugging Face folder (it runs the model in PyTorch)")
         outputs = ["imatrix.gguf", "activations.json", "sensitivity.json"] + ([] if args.no_report else ["report.html"])
         for name in outputs:  # before the long work: none replaces an input or a special file
-            check_output(out / name)
+            check_output(out / name, [args.hessians])
         start = time.perf_counter()
-        saved = [out / "imatrix.gguf", out / "activations.json"] + ([] if args.no_hessians else
-                                                                    [out / "hessians.safetensors"])
+        calibrate_hessians = not (args.no_hessians or args.hessians)
+        saved = [out / "imatrix.gguf", out / "activations.json"] + ([out / "hessians.safetensors"]
+                                                                    if calibrate_hessians else [])
         if args.resume and all(p.is_file() for p in saved):  # written whole (atomically) by the interrupted run
             imatrix, activations = read_imatrix(saved[0]), ActivationStats.load(saved[1])
             print(f"resuming: calibration read back from {out}")
         else:
             cal = calibrate(source.hf_folder, read_text(text), ctx=args.ctx, chunks=args.chunks, progress=progress,
                             dataset=str(text), output_importance=not args.no_output_importance,
-                            hessians=not args.no_hessians, **_runtime(args))
+                            hessians=calibrate_hessians, **_runtime(args))
             write_imatrix(cal.imatrix, saved[0])
             if cal.hessians is not None:
                 cal.hessians.save(out / "hessians.safetensors")
@@ -324,11 +340,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             imatrix, activations = cal.imatrix, cal.activations
             hess = "" if cal.hessians is None else f", hessians: {out / 'hessians.safetensors'}"
             print(f"imatrix: {saved[0]}, activations: {saved[1]}{hess} ({imatrix.chunks} chunks of {args.ctx} tokens)")
+            del cal  # the Hessians are read back from the file, one matrix at a time, when gptq needs them
         timings["calibration (imatrix, activations)"] = time.perf_counter() - start
+        hessians = (args.hessians or out / "hessians.safetensors") if gptq else None
         sens = analyze(source, imatrix, text=text, types=types,
                        n_windows=args.windows, fisher=not args.no_fisher, layer_sweep_types=sweep,
                        threads=args.threads, progress=progress, ray=args.ray, state_dir=out / ".measure",
-                       resume=args.resume, **_runtime(args))
+                       resume=args.resume, method=args.method, hessians=hessians, **_runtime(args))
         sens.save(out / "sensitivity.json")
         st = sens.settings
         timings.update({
@@ -338,7 +356,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             "  of which quantize + predict": st["seconds_quantize"],
         })
         print(f"sensitivity: {out / 'sensitivity.json'} ({len(sens.names)} tensors, {st['measured_pairs']} of "
-              f"{st['candidates']} pairs measured on {st['tokens']} tokens)")
+              f"{st['candidates']} pairs measured on {st['tokens']} tokens, {args.method} rounding)")
         if not args.no_report:
             start = time.perf_counter()
             report = write_report(out, sens, activations=activations, source=source, timings=timings)
@@ -584,6 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-hessians", action="store_true", help="skip hessians.safetensors (the inputs' sum x x^T "
                    "for quantize --method gptq: sum of cols^2 x 8 bytes, refused over 4 GiB)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="the rounding every candidate is measured with, as quantize --method writes it: rtn "
+                   "(default) or gptq (with the Hessians this run calibrates, or --hessians); quantize --target-* "
+                   "needs the same --method")
+    p.add_argument("--hessians", metavar="FILE", help="for --method gptq: these Hessians instead of calibrating them")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run the measurement as Ray tasks: on the cluster at ADDRESS (HOST:PORT or auto), or on a "

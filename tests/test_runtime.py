@@ -101,19 +101,26 @@ def test_streamed_analysis_equals_resident(tiny):
     assert measured and all(m > 0 for m in measured)
 
 
-def test_large_tensors_in_row_slices_equal_whole(tiny, monkeypatch):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_large_tensors_in_row_slices_equal_whole(tiny, monkeypatch, tmp_path, method):
     """A tensor too large to copy (a big vocabulary's embedding) is read, quantized, swapped in and
     put back a slice of rows at a time: the same logits and damages as whole. Here every 2-D tensor
     that the adapter does not permute counts as large, in slices of 7 rows."""
     import mixquant.analyze.run as run
     import mixquant.runtime.model as model
+    from mixquant.calibrate import calibrate
+    from mixquant.text import read_text
 
     folder, text = tiny
     src = open_source(folder)
     assert np.array_equal(src.tensor_rows("token_embd.weight", 5, 17), src.tensor("token_embd.weight")[5:17])
     assert np.array_equal(src.tensor_rows("blk.0.attn_q.weight", 3, 9), src.tensor("blk.0.attn_q.weight")[3:9])
     kw = dict(text=text, n_windows=2, ctx=48, types=["Q8_0", "Q4_0"], measure="all", fisher=True,
-              progress=False, threads=1, max_memory=StreamedModel(src).min_budget)
+              progress=False, threads=1, max_memory=StreamedModel(src).min_budget, method=method)
+    if method == "gptq":  # GPTQ rounds each row on its own too: slices give the same codes
+        cal = calibrate(folder, read_text(text), 48, 6, progress=False, activations=False, output_importance=True,
+                        hessians=True)
+        kw["hessians"] = cal.hessians.save(tmp_path / "hessians.safetensors")
     whole = analyze(folder, None, **kw)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     want = _streamed_logits(StreamedModel(src, max_memory=kw["max_memory"]), ids)

@@ -80,6 +80,15 @@ Optional extras, each a stage of its own (timed in `settings["seconds_*"]`):
   everything else float32; the KLD and the perplexity of each (block, type), against the float32
   reference perplexity. 77 s for 30 blocks x 2 types on the test model, one thread.
 
+**Rounding method** (`method`): every candidate above (the predicted error, the Fisher estimate's
+w - q(w), the measured swap, the layer sweep) is quantized the way `mixquant quantize --method`
+would write it: "rtn" (default, ggml's round-to-nearest) or "gptq" (`quantize.gptq`: error
+feedback through the Hessians of the same calibration, one factor of H^-1 per input shared by
+q/k/v, by gate/up and by every type). Under "gptq" the predicted error is H-weighted,
+tr((W-Q) H (W-Q)^T) / tr(W H W^T) (the same number as above for a diagonal H), since the
+diagonal cannot see GPTQ's correlated errors. `settings["method"]` records it ("rtn" for files
+without it), and an allocation (`quantize --target-*`) refuses a sensitivity of another method.
+
 `rank_correlation(sens, kind)` says how well a cheap score (predicted error, Fisher) ranks the
 measured KLDs (Spearman's rho).
 
@@ -89,7 +98,8 @@ The file (`Sensitivity.save`, schema "mixquant.sensitivity/2"), JSON:
       "schema": "mixquant.sensitivity/2",
       "model": {"arch": "llama", "n_layer": 30, "n_elements": 134515008, "source": "<path>"},
       "settings": {...how it was measured: windows, ctx, score_from, tokens, imatrix, probe
-                   types, validate, threads, seconds per stage, fit (fit_report())...},
+                   types, validate, threads, seconds per stage, fit (fit_report()),
+                   method ("rtn" | "gptq"; with gptq also damp and the hessians file)...},
       "reference": {"nll": 2.71, "ppl": 15.0} | null,   # float32 model on the scored tokens
       "type_factors": {"attn_v": {"Q4_0": 1.0, "Q5_1": 0.31, ...}, ...},   # per category
       "tensors": {

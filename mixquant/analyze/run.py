@@ -22,6 +22,7 @@ import numpy as np
 from ..calibrate import Distribution, weight_distribution, weight_distribution_rows
 from ..errors import MixquantError
 from ..plan import layer_of
+from ..quantize.gptq import DEFAULT_DAMP
 from ..runtime import RowSlices, StreamedModel
 from ..runtime.model import SLICED_BYTES, slice_rows
 from .measure import Measurer, Reference, Swap, measurement_windows, reference_pass, unit_of
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..calibrate import Imatrix
+    from ..hessians import Hessians
     from ..plan import ModelInfo, TensorInfo
     from ..runtime.executor import WorkItem
     from ..source import Source
@@ -100,6 +102,8 @@ def analyze(
     ray: str | None = None,
     state_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    method: str = "rtn",
+    hessians: Hessians | str | os.PathLike[str] | None = None,
 ) -> Sensitivity:
     """Sensitivity of every tensor of `source` (a Hugging Face folder, or a `Source`) to every type.
 
@@ -134,6 +138,12 @@ def analyze(
         measured together) as Ray tasks on this cluster ("local", "auto" or HOST:PORT); None: here.
     state_dir: each finished work item is written there; with `resume`, items already there (from
         an interrupted run with the same settings) are not redone. None: nothing kept.
+    method: the rounding every candidate is quantized with, as `mixquant quantize --method` would
+        write it: "rtn" (ggml's round-to-nearest, the default) or "gptq" (error feedback through
+        `hessians`, `quantize.gptq`), so the damages are those of the bytes that method writes.
+        With "gptq" the predicted error is H-weighted (`predicted_error`'s `hessian`), and
+        `settings["method"]` records it (`quantize --target-*` refuses a sensitivity of another method).
+    hessians: the inputs' Hessians for "gptq" (a `Hessians`, or a hessians.safetensors file).
     """
     import torch
 
@@ -146,6 +156,7 @@ def analyze(
         raise MixquantError(f"measure must be 'probe', 'all' or 'none', got {measure!r}")
     src = source if isinstance(source, Source) else open_source(source)
     info = src.model
+    hess = _method_hessians(method, hessians, info, ray)
     by_name = {t.name: t for t in info.tensors}
     if tensors is None:
         selected = [t.name for t in info.tensors]
@@ -172,7 +183,9 @@ def analyze(
         torch.set_num_threads(int(threads))
     qthreads = max(1, int(threads or torch.get_num_threads()))
     settings: dict[str, Any] = {"measure": measure, "types": type_list, "threads": threads, "fisher": fisher,
-                                "layer_sweep_types": sweep_types, "dtype": str(dtype or "float32")}
+                                "layer_sweep_types": sweep_types, "dtype": str(dtype or "float32"), "method": method}
+    if hess is not None:
+        settings.update(damp=DEFAULT_DAMP, hessians=None if hess.path is None else str(hess.path))
     reference = None
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, saved_threads)
@@ -216,7 +229,8 @@ def analyze(
         results_dir = None
         if state_dir is not None:
             results_dir = _state(Path(state_dir), _fingerprint(src, settings, plan, sweep_types, importance,
-                                                               None if measurer is None else measurer.ref), resume)
+                                                               None if measurer is None else measurer.ref, hess),
+                                 resume)
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="mixquant-fisher-"))
 
         # -- the Fisher diagonal, one file per unit -------------------------------------------
@@ -230,7 +244,9 @@ def analyze(
         items = _work_items(plan, sweep_types, info, n_layer, fisher_files, measurer is not None)
         context = _Context(source=str(src.path), threads=qthreads, importance=importance,
                            runtime={"max_memory": max_memory, "device": device, "dtype": dtype},
-                           reference=None if measurer is None else measurer.ref, token=_register(src, measurer))
+                           reference=None if measurer is None else measurer.ref,
+                           token=_register(src, measurer, hess), method=method,
+                           hessians=None if hess is None or hess.path is None else str(hess.path))
         tm = time.perf_counter()
         try:
             from ..runtime.executor import execute
@@ -239,6 +255,7 @@ def analyze(
                               desc="sensitivity")
         finally:
             _PROCESS.pop(context.token, None)
+            _HESSIANS.pop(context.token, None)
         settings["seconds_measure"] = round(time.perf_counter() - tm, 2)
         settings["seconds_quantize"] = round(sum(r["seconds_quantize"] for r in results.values()), 2)
 
@@ -299,17 +316,88 @@ class _Context:
     runtime: dict[str, Any]
     reference: Reference | None
     token: str  # the measurer already built in this process, if any
+    method: str = "rtn"
+    hessians: str | None = None  # the Hessians file, for another process (method "gptq")
 
 
 _PROCESS: dict[str, Measurer | None] = {}  # token -> this process's measurer (built on first use)
 _SOURCES: dict[str, Source] = {}
+_HESSIANS: dict[str, Hessians] = {}
 
 
-def _register(src: Source, measurer: Measurer | None) -> str:
+def _register(src: Source, measurer: Measurer | None, hessians: Hessians | None) -> str:
     token = uuid.uuid4().hex
     _PROCESS[token] = measurer
     _SOURCES[token] = src
+    if hessians is not None:
+        _HESSIANS[token] = hessians
     return token
+
+
+def _method_hessians(method: str, hessians: Hessians | str | os.PathLike[str] | None, info: ModelInfo,
+                     ray: str | None) -> Hessians | None:
+    """The Hessians `method` rounds with (None for rtn), checked against the model before any work."""
+    from ..hessians import Hessians
+    from ..quantize import METHODS, HessianQuantizer
+
+    if method not in METHODS:
+        raise MixquantError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "rtn":
+        if hessians is not None:
+            raise MixquantError("Hessians go with method 'gptq'")
+        return None
+    if hessians is None:
+        raise MixquantError("method 'gptq' needs the inputs' Hessians (hessians.safetensors)")
+    hess = hessians if isinstance(hessians, Hessians) else Hessians.load(hessians)
+    HessianQuantizer(hess, info)  # refuses Hessians of another model or shape
+    if ray is not None and hess.path is None:
+        raise MixquantError("method 'gptq' on Ray needs the Hessians in a file (other processes read them)")
+    return hess
+
+
+class _Rounding:
+    """dequantize(quantize(w)) of one work item's tensors with the analysis's method: rtn, or GPTQ
+    with one factor of H^-1 per input, computed once and shared by every type and every tensor
+    reading that input (q/k/v; gate/up) for the item's lifetime (one unit: four inputs at most)."""
+
+    def __init__(self, ctx: _Context, info: ModelInfo):
+        from ..hessians import Hessians
+
+        self.threads = ctx.threads
+        self.hessians: Hessians | None = None
+        if ctx.method == "gptq":
+            if ctx.token not in _HESSIANS:
+                _HESSIANS[ctx.token] = Hessians.load(ctx.hessians)
+            self.hessians = _HESSIANS[ctx.token]
+        self.tied = bool(info.tied_output)
+        self._factors: dict[str, Any] = {}
+        self._matrices: dict[str, np.ndarray] = {}
+
+    def input(self, name: str) -> str | None:
+        """The Hessian key of the tensor's input, None where it is rounded to nearest."""
+        from ..calibrate import input_of
+
+        key = None if self.hessians is None else input_of(name, tied_output=self.tied)
+        return key if key is not None and key in self.hessians else None
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        key = self.input(name)
+        if key is not None and key not in self._matrices:
+            self._matrices[key] = self.hessians.matrix(key)
+        return None if key is None else self._matrices[key]
+
+    def __call__(self, name: str, w: np.ndarray, type_name: str, importance: np.ndarray | None) -> np.ndarray:
+        from .. import formats
+        from ..quantize import gptq
+
+        key = self.input(name)
+        if key is None:
+            data = formats.quantize(w, type_name, importance=importance, threads=self.threads)
+        else:
+            if key not in self._factors:
+                self._factors[key] = gptq.factor(self.hessian(name), DEFAULT_DAMP)
+            data = gptq.quantize(w, type_name, importance=importance, prepared=self._factors[key])
+        return formats.dequantize(data, type_name, w.shape)
 
 
 def _context_measurer(ctx: _Context) -> tuple[Source, Measurer | None]:
@@ -361,6 +449,7 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
     src, measurer = _context_measurer(ctx)
     info = src.model
     by_name = {t.name: t for t in info.tensors}
+    rounding = _Rounding(ctx, info)
     seconds = {"quantize": 0.0}
     tensors: dict[str, dict[str, Any]] = {}
     weights: dict[str, np.ndarray] = {}  # float32 (rows, cols) of the tensors quantized later
@@ -372,14 +461,14 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
         """The tensor's values at `typ`; its predicted error and Fisher estimate recorded (for a
         sliced tensor, once the first pass over its slices is done)."""
         if name in sliced:
-            cand = sliced[name][typ] = _Sliced(src, name, by_name[name].shape, typ, ctx, fishers[name],
+            cand = sliced[name][typ] = _Sliced(src, name, by_name[name].shape, typ, ctx, rounding, fishers[name],
                                                tensors[name]["types"][typ], seconds)
             return cand.values()
         w, f, imp = weights[name], fishers[name], ctx.importance.get(name)
         tq = time.perf_counter()
-        q = _roundtrip(w, typ, imp, ctx.threads)
+        q = rounding(name, w, typ, imp)
         cost = tensors[name]["types"][typ]
-        cost["predicted"] = predicted_error(w, q, imp)
+        cost["predicted"] = predicted_error(w, q, imp, hessian=rounding.hessian(name))
         if f is not None:
             d = src.adapter.delta_to_hf(name, w - q, info)  # a row permutation: exact on the difference
             cost["fisher"] = 0.5 * float(_fisher_rows(f.reshape(d.shape), d).sum(dtype=np.float64))
@@ -431,7 +520,7 @@ def _run_item(payload: dict[str, Any], ctx: _Context) -> dict[str, Any]:
         except ValueError as exc:
             raise MixquantError(f"layer sweep: {exc}") from None
         sweep_used.append(used)
-        swaps.append(lambda used=used: _sweep_swap(src, block, used, weights, ctx, seconds))
+        swaps.append(lambda used=used: _sweep_swap(src, block, used, weights, ctx, rounding, seconds))
         owners.append(("sweep", typ))
         swap_bytes = max(swap_bytes, sum(4 * t.n_elements for t in block))
 
@@ -479,19 +568,19 @@ class _Sliced:
         return slice_rows(cols, ErrorSums(cols).step)
 
     def __init__(self, src: Source, name: str, shape: tuple[int, ...], typ: str, ctx: _Context,
-                 fisher_file: str | None, cost: dict[str, Any], seconds: dict[str, float]):
+                 rounding: _Rounding, fisher_file: str | None, cost: dict[str, Any], seconds: dict[str, float]):
         self.src, self.name, self.typ, self.cost, self.seconds = src, name, typ, cost, seconds
-        self.importance, self.threads, self.fisher_file = ctx.importance.get(name), ctx.threads, fisher_file
+        self.importance, self.rounding, self.fisher_file = ctx.importance.get(name), rounding, fisher_file
         rows, cols = shape
         self.shape, self.step = (rows, cols), self.rows_per_slice(cols)
-        self._errors = ErrorSums(cols)
+        self._errors = ErrorSums(cols, hessian=rounding.hessian(name))
         self._fisher: list[np.ndarray] = []
         self._next = 0  # rows summed so far
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         tq = time.perf_counter()
         w = self.src.tensor_rows(self.name, start, stop)
-        q = _roundtrip(w, self.typ, self.importance, self.threads)
+        q = self.rounding(self.name, w, self.typ, self.importance)  # rows are rounded independently
         if start == self._next < self.shape[0]:
             self._errors.add(w, q)
             if self.fisher_file is not None:
@@ -515,7 +604,7 @@ class _Sliced:
 
 
 def _sweep_swap(src: Source, block: list[TensorInfo], used: dict[str, str], known: dict[str, np.ndarray],
-                ctx: _Context, seconds: dict[str, float]) -> Swap:
+                ctx: _Context, rounding: _Rounding, seconds: dict[str, float]) -> Swap:
     """One layer-sweep variant: every quantizable tensor of the block at its type of `used`
     (llama.cpp's shape fallback of the swept type), all else float32."""
     tq = time.perf_counter()
@@ -524,17 +613,9 @@ def _sweep_swap(src: Source, block: list[TensorInfo], used: dict[str, str], know
         w = known.get(t.name)
         if w is None:
             w = np.ascontiguousarray(src.tensor(t.name), dtype=np.float32).reshape(-1, t.shape[-1])
-        swap[t.name] = _roundtrip(w, used[t.name], ctx.importance.get(t.name), ctx.threads).reshape(t.shape)
+        swap[t.name] = rounding(t.name, w, used[t.name], ctx.importance.get(t.name)).reshape(t.shape)
     seconds["quantize"] += time.perf_counter() - tq
     return swap
-
-
-def _roundtrip(w: np.ndarray, type_name: str, importance: np.ndarray | None, threads: int) -> np.ndarray:
-    """dequantize(quantize(w)): the values a GGUF would hold."""
-    from .. import formats
-
-    return formats.dequantize(formats.quantize(w, type_name, importance=importance, threads=threads),
-                              type_name, w.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,19 +623,24 @@ def _roundtrip(w: np.ndarray, type_name: str, importance: np.ndarray | None, thr
 
 
 def _fingerprint(src: Source, settings: dict[str, Any], plan: list, sweep_types: list[str],
-                 importance: dict[str, np.ndarray], ref: Reference | None) -> str:
+                 importance: dict[str, np.ndarray], ref: Reference | None, hessians: Hessians | None) -> str:
     """A digest of everything a work item's result depends on."""
     h = hashlib.sha256()
     for f in src.input_files:
         st = Path(f).stat()
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    keep = {k: settings.get(k) for k in ("measure", "types", "fisher", "dtype", "windows", "ctx", "score_from")}
+    keep = {k: settings.get(k) for k in ("measure", "types", "fisher", "dtype", "windows", "ctx", "score_from",
+                                         "method", "damp")}
     h.update(json.dumps([keep, plan, sweep_types], sort_keys=True, default=str).encode())
     for name in sorted(importance):
         h.update(name.encode())
         h.update(np.ascontiguousarray(importance[name]).tobytes())
     if ref is not None:
         h.update(ref.windows.tobytes())
+    if hessians is not None:  # every matrix, one at a time (the row counts alone could repeat)
+        for key in sorted(hessians.rows):
+            h.update(f"{key}:{hessians.rows[key]}\n".encode())
+            h.update(np.ascontiguousarray(hessians.matrix(key)).tobytes())
     return h.hexdigest()
 
 

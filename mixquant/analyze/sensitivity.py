@@ -461,14 +461,16 @@ def candidate_types(shape: tuple[int, ...], types: Iterable[str] | None = None) 
 
 
 class ErrorSums:
-    """The sums behind `predicted_error`, added a slice of rows at a time: per input column (and
-    per expert of a stack), sum (w - q)^2 and sum w^2 in float64. Slices that are whole multiples
-    of `step` rows give the same sums, bit for bit, as the whole tensor at once."""
+    """The sums behind `predicted_error`, added a slice of rows at a time, in float64: per input
+    column (and per expert of a stack) sum (w - q)^2 and sum w^2; or, with the input's Hessian,
+    tr(D H D^T) and tr(W H W^T). Slices that are whole multiples of `step` rows give the same sums,
+    bit for bit, as the whole tensor at once."""
 
-    def __init__(self, cols: int, groups: int = 1):
+    def __init__(self, cols: int, groups: int = 1, hessian: np.ndarray | None = None):
         self.cols, self.groups = cols, groups
-        self.err = np.zeros((groups, cols))
-        self.ref = np.zeros((groups, cols))
+        self.hessian = None if hessian is None else np.asarray(hessian, dtype=np.float64)
+        shape = () if hessian is not None else (groups, cols)
+        self.err, self.ref = np.zeros(shape), np.zeros(shape)
         self.step = max(1, (1 << 20) // (groups * cols))  # about 8 MB of float64 per slice
 
     def add(self, w: np.ndarray, q: np.ndarray) -> None:
@@ -477,25 +479,36 @@ class ErrorSums:
         for s in range(0, w3.shape[1], self.step):
             a = w3[:, s:s + self.step].astype(np.float64)
             d = q3[:, s:s + self.step].astype(np.float64) - a
-            self.err += np.einsum("gij,gij->gj", d, d)
-            self.ref += np.einsum("gij,gij->gj", a, a)
+            if self.hessian is None:
+                self.err += np.einsum("gij,gij->gj", d, d)
+                self.ref += np.einsum("gij,gij->gj", a, a)
+            else:
+                self.err += float(np.einsum("gij,gij->", d @ self.hessian, d))
+                self.ref += float(np.einsum("gij,gij->", a @ self.hessian, a))
 
     def value(self, importance: np.ndarray | None) -> float:
-        err, ref = self.err.reshape(-1), self.ref.reshape(-1)
-        if importance is not None:
+        if self.hessian is not None:
+            err, ref = float(self.err), float(self.ref)
+        elif importance is not None:
             imp = np.asarray(importance, dtype=np.float64).reshape(-1)
-            err, ref = err @ imp, ref @ imp
+            err, ref = self.err.reshape(-1) @ imp, self.ref.reshape(-1) @ imp
         else:
-            err, ref = err.sum(), ref.sum()
+            err, ref = self.err.sum(), self.ref.sum()
         return float(err / ref) if ref > 0 else 0.0
 
 
-def predicted_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray | None) -> float:
+def predicted_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray | None,
+                    hessian: np.ndarray | None = None) -> float:
     """sum_ij imp_j (w_ij - q_ij)^2 / sum_ij imp_j w_ij^2 (imp all ones when None), in float64;
     an importance of n vectors (a stack of n experts) weighs each expert's rows with its own.
-    Summed over slices of rows, so the float64 temporaries stay small next to a large tensor."""
-    groups = 1 if importance is None else max(1, np.size(importance) // w.shape[-1])
-    sums = ErrorSums(w.shape[-1], groups)
+    Summed over slices of rows, so the float64 temporaries stay small next to a large tensor.
+
+    With `hessian` (the input's H = sum x x^T, (cols, cols)), the H-weighted error instead:
+    tr((W - Q) H (W - Q)^T) / tr(W H W^T), the output error relative to the output's energy. It
+    is the same number for a diagonal H = rows x imatrix, and the one GPTQ's rounding lowers (its
+    errors are correlated across columns, which the diagonal cannot see)."""
+    groups = 1 if importance is None or hessian is not None else max(1, np.size(importance) // w.shape[-1])
+    sums = ErrorSums(w.shape[-1], groups, hessian)
     sums.add(w, q)
     return sums.value(importance)
 

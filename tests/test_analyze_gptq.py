@@ -1,0 +1,149 @@
+"""analyze --method gptq: every candidate quantized with GPTQ's rounding through the run's Hessians,
+on a tiny random llama; rtn's numbers unchanged; the method recorded, and an allocation of
+another method refused."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixquant import formats
+from mixquant.analyze import Sensitivity, analyze, predicted_error
+from mixquant.analyze.run import _fingerprint
+from mixquant.calibrate import calibrate, input_of
+from mixquant.cli import main
+from mixquant.errors import MixquantError
+from mixquant.hessians import Hessians
+from mixquant.quantize import gptq
+from mixquant.source import open_source
+from mixquant.text import read_text
+
+TYPES = ["Q4_0", "Q5_1", "Q4_K"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny tied llama, its imatrix and Hessians (8 windows of 64), and both analyses of it
+    (every pair measured on 2 held-out windows of 64)."""
+    from conftest import tiny_model_and_text
+
+    root = tmp_path_factory.mktemp("tiny_analyze_gptq")
+    model, text = tiny_model_and_text(root, 2000, seed=1)
+    cal = calibrate(model, read_text(text), 64, 8, progress=False, activations=False, output_importance=True,
+                    hessians=True)
+    hess = cal.hessians.save(root / "hessians.safetensors")
+    common = dict(text=text, n_windows=2, ctx=64, types=TYPES, measure="all", fisher=True, threads=1, progress=False)
+    sens = {m: analyze(model, cal.imatrix, method=m, hessians=hess if m == "gptq" else None, **common)
+            for m in ("rtn", "gptq")}
+    for m, s in sens.items():
+        s.save(root / f"sensitivity-{m}.json")
+    return {"root": root, "model": model, "text": text, "imatrix": cal.imatrix, "hessians": Hessians.load(hess),
+            "sens": sens}
+
+
+def _pairs(tiny):
+    """(name, type, weight, importance, H) of every quantized pair with a Hessian."""
+    with open_source(tiny["model"]) as src:
+        for name, t in tiny["sens"]["gptq"].tensors.items():
+            key = input_of(name, tied_output=True)
+            if t.fixed or key not in tiny["hessians"]:
+                continue
+            w = np.ascontiguousarray(src.tensor(name), dtype=np.float32).reshape(-1, t.shape[-1])
+            for typ in t.types:
+                if typ != "F32":
+                    yield name, typ, w, tiny["imatrix"].importance(name), tiny["hessians"].matrix(key)
+
+
+def test_rtn_is_round_to_nearest_and_records_its_method(tiny):
+    sens = tiny["sens"]["rtn"]
+    assert sens.settings["method"] == "rtn" and "hessians" not in sens.settings
+    for name, typ, w, imp, _ in _pairs(tiny):
+        q = formats.dequantize(formats.quantize(w, typ, importance=imp), typ, w.shape)
+        assert sens.tensors[name].types[typ].predicted == predicted_error(w, q, imp), (name, typ)
+
+
+def test_gptq_damages_are_those_of_gptq_bytes_and_lower(tiny):
+    rtn, gq = tiny["sens"]["rtn"], tiny["sens"]["gptq"]
+    assert gq.settings["method"] == "gptq" and gq.settings["damp"] == gptq.DEFAULT_DAMP
+    names = set()
+    for name, typ, w, imp, h in _pairs(tiny):
+        cost = gq.tensors[name].types[typ]
+        q = formats.dequantize(gptq.quantize(w, typ, h, imp), typ, w.shape)
+        assert cost.predicted == predicted_error(w, q, imp, hessian=h), (name, typ)  # the bytes quantize writes
+        q_rtn = formats.dequantize(formats.quantize(w, typ, importance=imp), typ, w.shape)
+        assert cost.predicted <= predicted_error(w, q_rtn, imp, hessian=h), (name, typ)
+        assert cost.measured is not None and cost.fisher is not None
+        names.add(name)
+    assert len(names) == 15  # 7 tensors x 2 blocks and the tied embedding (the output's input)
+    # the measured damage follows: lower summed over the blocks' pairs (the tied embedding aside,
+    # whose Hessian is only its output role's)
+    blocks = [(name, typ) for name, t in gq.tensors.items() if name.startswith("blk.") and not t.fixed
+              for typ in t.types if typ != "F32"]
+    assert sum(gq.tensors[n].types[t].measured for n, t in blocks) < \
+        0.9 * sum(rtn.tensors[n].types[t].measured for n, t in blocks)
+
+
+def test_gptq_needs_hessians_of_this_model(tiny, tmp_path):
+    with pytest.raises(MixquantError, match="needs the inputs' Hessians"):
+        analyze(tiny["model"], tiny["imatrix"], measure="none", method="gptq")
+    with pytest.raises(MixquantError, match="method must be one of"):
+        analyze(tiny["model"], tiny["imatrix"], measure="none", method="awq-ish")
+    other = Hessians(model={"arch": "llama", "n_layer": 7, "n_embd": 64}, rows={}, sums={})
+    with pytest.raises(MixquantError, match="another model"):
+        analyze(tiny["model"], tiny["imatrix"], measure="none", method="gptq", hessians=other)
+
+
+def test_resume_fingerprint_includes_method_and_hessians(tiny):
+    with open_source(tiny["model"]) as src:
+        base = dict(src=src, plan=[], sweep_types=[], importance={}, ref=None)
+        rtn = _fingerprint(settings={"method": "rtn"}, hessians=None, **base)
+        gq = _fingerprint(settings={"method": "gptq", "damp": 0.01}, hessians=tiny["hessians"], **base)
+        h2 = Hessians(model=tiny["hessians"].model, rows=dict(tiny["hessians"].rows),
+                      sums={k: tiny["hessians"].matrix(k) * 2 for k in tiny["hessians"].rows})
+        assert len({rtn, gq, _fingerprint(settings={"method": "gptq", "damp": 0.01}, hessians=h2, **base)}) == 3
+
+
+def test_allocation_refuses_a_sensitivity_of_another_method(tiny, tmp_path, capsys):
+    root, model = tiny["root"], tiny["model"]
+    out = tmp_path / "out.gguf"
+    rc = main(["quantize", str(model), str(out), "--target-bpw", "6", "--sensitivity",
+               str(root / "sensitivity-gptq.json")])
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists()
+    assert err.strip().splitlines() == [f"mixquant: error: {root / 'sensitivity-gptq.json'}: measured with --method "
+                                        "gptq, but this allocation writes --method rtn; give --method gptq, or "
+                                        "analyse with --method rtn"]
+    rc = main(["quantize", str(model), str(out), "--target-bpw", "6", "--sensitivity", str(root / "sensitivity-rtn.json"),
+               "--method", "gptq", "--hessians", str(root / "hessians.safetensors")])
+    assert rc == 1 and "measured with --method rtn" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_analyze_gptq_then_allocate_with_it(tiny, tmp_path, capsys):
+    """`analyze --method gptq` on its own calibration, then `quantize --target-bpw --method gptq`
+    with its sensitivity and Hessians: the written file holds the allocated plan."""
+    model, text = tiny["model"], tiny["text"]
+    folder = tmp_path / "analysis"
+    assert main(["analyze", str(model), "--text", str(text), "-o", str(folder), "--ctx", "64", "--chunks", "4",
+                 "--windows", "1", "--types", "Q4_0,Q5_1,Q8_0", "--sweep-types", "", "--no-report",
+                 "--threads", "1", "--method", "gptq"]) == 0
+    assert "pairs measured on" in capsys.readouterr().out
+    sens = Sensitivity.load(folder / "sensitivity.json")
+    assert sens.settings["method"] == "gptq"
+    assert sens.settings["hessians"] == str(folder / "hessians.safetensors")
+    out = tmp_path / "alloc.gguf"
+    assert main(["quantize", str(model), str(out), "--target-bpw", "6", "--sensitivity", str(folder / "sensitivity.json"),
+                 "--imatrix", str(folder / "imatrix.gguf"), "--method", "gptq",
+                 "--hessians", str(folder / "hessians.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "allocation:" in err and "rounded with error feedback" in err
+    assert out.stat().st_size > 0
+    assert main(["analyze", str(model), "--text", str(text), "-o", str(tmp_path / "b"), "--method", "gptq",
+                 "--no-hessians"]) == 1
+    assert "leave out --no-hessians" in capsys.readouterr().err
+    assert main(["analyze", str(model), "--text", str(text), "-o", str(tmp_path / "c"),
+                 "--hessians", str(folder / "hessians.safetensors")]) == 1
+    assert "--hessians goes with --method gptq" in capsys.readouterr().err
+    assert json.loads((folder / "sensitivity.json").read_text())["settings"]["method"] == "gptq"
+    assert Path(folder / "hessians.safetensors").is_file()
