@@ -1,6 +1,7 @@
 """Rounding methods at the same types: llama.cpp's imatrix quantizer against mixquant's GPTQ.
 
-On the test model (SmolLM2-135M), for each plan (default Q4_0, Q4_K_M, Q3_K_M, Q2_K):
+On a bundled test model (`--model`: smollm2, SmolLM2-135M, the default; or gemma3, Gemma 3 270M), for
+each plan (default Q4_0, Q4_K_M, Q3_K_M, Q2_K):
 
 1. one calibration on `--chunks` windows of 512 tokens of the calibration text: llama-imatrix on the
    F32 GGUF gives the imatrix, mixquant's calibrate gives the Hessians (sum x x^T of every linear
@@ -15,7 +16,7 @@ Prints a table (mean KLD, p99 KLD, top-1, PPL, file bytes, quantize seconds and 
 KLD change) and writes results.json into `--out`. Tensor data bytes are equal (checked); the files
 differ by llama-quantize's few metadata keys (quantize.imatrix.*).
 
-Run: .venv/bin/python bench/methods.py [--plans Q4_0,Q4_K_M] [--chunks 32] [--referee-chunks 20] [--threads 2]
+Run: .venv/bin/python bench/methods.py [--model gemma3] [--plans Q4_0,Q4_K_M] [--chunks 32] [--referee-chunks 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def measured(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=None, help="default: <mixquant cache>/bench/methods")
+    from mixquant.testdata import TEST_MODELS
+
+    p.add_argument("--model", choices=tuple(TEST_MODELS), default="smollm2", help="the bundled test model")
+    p.add_argument("--out", type=Path, default=None, help="default: <mixquant cache>/bench/methods "
+                   "(methods-<model> for another model than smollm2)")
     p.add_argument("--plans", default=",".join(PLANS))
     p.add_argument("--chunks", type=int, default=32, help="calibration windows of 512 tokens (default 32)")
     p.add_argument("--referee-chunks", type=int, default=20)
@@ -58,7 +63,7 @@ def main() -> int:
     if args.out is None:
         from mixquant.cache import cache_dir
 
-        args.out = cache_dir() / "bench" / "methods"
+        args.out = cache_dir() / "bench" / ("methods" if args.model == "smollm2" else f"methods-{args.model}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -70,10 +75,10 @@ def main() -> int:
     from mixquant.plan import preset_plan
     from mixquant.reference import llama_tool
     from mixquant.source import open_source
-    from mixquant.testdata import build_test_model, build_test_text
+    from mixquant.testdata import build_test_text
     from mixquant.text import read_text
 
-    folder = build_test_model()
+    folder = TEST_MODELS[args.model].build()
     calib, eval_text = build_test_text()
     source = open_source(folder)
     f32 = args.out / "F32.gguf"
