@@ -215,3 +215,15 @@ def test_an_architecture_without_folds_is_refused(tiny, tmp_path, capsys, monkey
                   tiny["hessians"])
     assert rc == 1 and "AWQ needs the architecture's norm -> linear mapping" in err, err
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_hessians_file_keeps_mean_abs_beside_each_hessian(tiny):
+    """calibration's sum |x| per channel, read back from the file: (E|x|)^2 <= E[x^2] = diag(H)/rows,
+    channel by channel, and not far below it (activations are no single spikes)."""
+    hess = Hessians.load(tiny["hessians"])
+    assert set(hess.rows) == {f"blk.{i}.{k}" for i in range(2)
+                              for k in ("attn_in", "attn_output_in", "ffn_in", "ffn_down_in")}
+    for key in hess.rows:
+        m, ms = hess.mean_abs(key), np.diagonal(hess.matrix(key)) / hess.rows[key]
+        assert m.shape == ms.shape and (m > 0).all()
+        assert (m**2 <= ms * (1 + 1e-9)).all() and (m**2 > 0.2 * ms).all(), key
