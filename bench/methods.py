@@ -45,6 +45,9 @@ def measured(cmd: list[str]) -> tuple[float, float]:
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed: {done.stderr[-2000:]}")
+        if "mixquant.cli" in cmd:  # its summary lines (what the method did), as the command printed them
+            said = [ln for ln in done.stderr.splitlines() if ln.startswith(("awq:", "gptq:"))]
+            log("\n".join([" ".join(cmd[2:]), *said, done.stdout.strip()]))
         return seconds, int(rss.read().split()[-1]) / 1024
 
 
