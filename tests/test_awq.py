@@ -227,3 +227,14 @@ def test_hessians_file_keeps_mean_abs_beside_each_hessian(tiny):
         m, ms = hess.mean_abs(key), np.diagonal(hess.matrix(key)) / hess.rows[key]
         assert m.shape == ms.shape and (m > 0).all()
         assert (m**2 <= ms * (1 + 1e-9)).all() and (m**2 > 0.2 * ms).all(), key
+
+
+def test_hessians_of_another_model_are_refused(tiny, tmp_path, capsys):
+    other = Hessians.load(tiny["hessians"])
+    other.sums = {k: np.eye(32) for k in other.rows}  # a model with 32 columns everywhere
+    other.abs_sums = {k: np.ones(32) for k in other.rows}
+    other.model = {**other.model, "n_embd": 32}
+    path = other.save(tmp_path / "other.safetensors")
+    rc, err = run(capsys, tiny["model"], tmp_path / "o.gguf", "Q4_0", "--method", "awq", "--hessians", path)
+    assert rc == 1 and "Hessians are for another model (n_embd 32, this model has 64)" in err, err
+    assert not (tmp_path / "o.gguf").exists()
