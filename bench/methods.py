@@ -1,4 +1,4 @@
-"""Rounding methods at the same types: llama.cpp's imatrix quantizer against mixquant's GPTQ.
+"""Rounding methods at the same types: llama.cpp's imatrix quantizer against mixquant's GPTQ (and AWQ).
 
 On a bundled test model (`--model`: smollm2, SmolLM2-135M, the default; or gemma3, Gemma 3 270M), for
 each plan (default Q4_0, Q4_K_M, Q3_K_M, Q2_K):
@@ -6,8 +6,9 @@ each plan (default Q4_0, Q4_K_M, Q3_K_M, Q2_K):
 1. one calibration on `--chunks` windows of 512 tokens of the calibration text: llama-imatrix on the
    F32 GGUF gives the imatrix, mixquant's calibrate gives the Hessians (sum x x^T of every linear
    input, the output layer's too) on the same windows;
-2. llama-quantize --imatrix writes the preset (the baseline); `mixquant quantize --method gptq` writes
-   the same plan with the same imatrix and the Hessians: same types, so the files have the same bytes
+2. llama-quantize --imatrix writes the preset (the baseline); `mixquant quantize --method M` for each
+   of `--methods` (default gptq; also awq, awq+gptq) writes the same plan with the same imatrix and
+   the Hessians: same types, so the files have the same bytes
    (checked); each run's wall time and peak RSS are measured (a subprocess each, same threads);
 3. the referee is llama.cpp's own llama-perplexity --kl-divergence (bench/allocation.py's Referee)
    on `--referee-chunks` windows of the evaluation text, disjoint from the calibration text.
@@ -16,7 +17,8 @@ Prints a table (mean KLD, p99 KLD, top-1, PPL, file bytes, quantize seconds and 
 KLD change) and writes results.json into `--out`. Tensor data bytes are equal (checked); the files
 differ by llama-quantize's few metadata keys (quantize.imatrix.*).
 
-Run: .venv/bin/python bench/methods.py [--model gemma3] [--plans Q4_0,Q4_K_M] [--chunks 32] [--referee-chunks 20] [--threads 2]
+Run: .venv/bin/python bench/methods.py [--model gemma3] [--plans Q4_0,Q4_K_M] [--methods gptq,awq,awq+gptq]
+     [--chunks 32] [--referee-chunks 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -44,7 +46,22 @@ def measured(cmd: list[str]) -> tuple[float, float]:
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed: {done.stderr[-2000:]}")
+        if "mixquant.cli" in cmd:  # its summary lines (what the method did), as the command printed them
+            said = [ln for ln in done.stderr.splitlines() if ln.startswith(("awq:", "gptq:"))]
+            log("\n".join([" ".join(cmd[2:]), *said, done.stdout.strip()]))
         return seconds, int(rss.read().split()[-1]) / 1024
+
+
+def has_mean_abs(path: Path) -> bool:
+    from mixquant.errors import MixquantError
+    from mixquant.hessians import Hessians
+
+    h = Hessians.load(path)
+    try:
+        h.mean_abs(next(iter(h.rows)))
+    except MixquantError:
+        return False
+    return True
 
 
 def main() -> int:
@@ -59,6 +76,8 @@ def main() -> int:
     p.add_argument("--referee-chunks", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep-gguf", action="store_true")
+    p.add_argument("--methods", default="gptq", help="mixquant methods, each a row per plan (gptq, awq, awq+gptq)")
+    p.add_argument("--awq-grid", type=int, default=20, help="quantize --awq-grid for the awq methods")
     args = p.parse_args()
     if args.out is None:
         from mixquant.cache import cache_dir
@@ -90,7 +109,7 @@ def main() -> int:
                                "--chunks", str(args.chunks), "-t", str(args.threads), "-o", str(imatrix)])
         log(f"llama-imatrix: {args.chunks} chunks, {seconds:.0f} s")
     hessians = args.out / f"hessians-{args.chunks}.safetensors"
-    if not hessians.is_file():
+    if not hessians.is_file() or not has_mean_abs(hessians):  # awq needs mean |x| (files since awq have it)
         start = time.perf_counter()
         cal = calibrate(folder, read_text(calib), chunks=args.chunks, activations=False, output_importance=True,
                         hessians=True, dataset=str(calib))
@@ -100,12 +119,14 @@ def main() -> int:
     mixquant = [sys.executable, "-m", "mixquant.cli"]
     rows = []
     for plan in args.plans.split(","):
-        files = {"llama.cpp imatrix": args.out / f"{plan}-llama.gguf", "mixquant gptq": args.out / f"{plan}-gptq.gguf"}
+        files = {"llama.cpp imatrix": args.out / f"{plan}-llama.gguf"}
         cmds = {"llama.cpp imatrix": [str(llama_tool("llama-quantize")), "--imatrix", str(imatrix), str(f32),
-                                      str(files["llama.cpp imatrix"]), plan, str(args.threads)],
-                "mixquant gptq": [*mixquant, "quantize", str(folder), str(files["mixquant gptq"]), plan, "--imatrix",
-                                  str(imatrix), "--method", "gptq", "--hessians", str(hessians), "--threads",
-                                  str(args.threads)]}
+                                      str(files["llama.cpp imatrix"]), plan, str(args.threads)]}
+        for m in args.methods.split(","):
+            files[f"mixquant {m}"] = args.out / f"{plan}-{m}.gguf"
+            cmds[f"mixquant {m}"] = [*mixquant, "quantize", str(folder), str(files[f"mixquant {m}"]), plan, "--imatrix",
+                                     str(imatrix), "--method", m, "--hessians", str(hessians), "--threads",
+                                     str(args.threads)] + (["--awq-grid", str(args.awq_grid)] if "awq" in m else [])
         for method, cmd in cmds.items():
             files[method].unlink(missing_ok=True)
             seconds, peak = measured(cmd)
@@ -120,13 +141,13 @@ def main() -> int:
 
     print(f"\nreferee: llama-perplexity --kl-divergence, {args.referee_chunks} chunks of 512 of the evaluation text; "
           f"calibration: {args.chunks} chunks of 512; {args.threads} threads")
-    print(f"{'plan':<8} {'method':<18} {'mean KLD':>9} {'p99 KLD':>8} {'top-1':>7} {'PPL':>8} {'file bytes':>12} "
+    print(f"{'plan':<8} {'method':<20} {'mean KLD':>9} {'p99 KLD':>8} {'top-1':>7} {'PPL':>8} {'file bytes':>12} "
           f"{'time s':>7} {'peak MB':>8} {'KLD change':>10}")
     for r in rows:
         base = next(b for b in rows if b["plan"] == r["plan"] and b["method"] == "llama.cpp imatrix")
         change = "" if r is base else f"{100 * (r['kld_mean'] / base['kld_mean'] - 1):+.1f}%"
         same = "" if r["tensor_bytes"] == base["tensor_bytes"] else " (tensor bytes differ!)"
-        print(f"{r['plan']:<8} {r['method']:<18} {r['kld_mean']:9.5f} {r['kld_p99']:8.4f} {100 * r['top1']:6.2f}% "
+        print(f"{r['plan']:<8} {r['method']:<20} {r['kld_mean']:9.5f} {r['kld_p99']:8.4f} {100 * r['top1']:6.2f}% "
               f"{r['ppl']:8.4f} {r['file_bytes']:12,d} {r['seconds']:7.1f} {r['peak_mb']:8.0f} {change:>10}{same}")
     return 0
 

@@ -610,6 +610,7 @@ def _calibrate(sm: Any, text: str, ctx: int, chunks: int | None, *, progress: bo
     hess_of = {n: k for k, (n, _) in hess_inputs.items()}  # GGUF name -> the key it accumulates
     hess_sums: dict[str, torch.Tensor] = {}
     hess_rows: dict[str, int] = {}
+    hess_abs: dict[str, torch.Tensor] = {}  # sum of |x| per channel, AWQ's activation magnitude
     streams: dict[str, StreamingStats] = {}
 
     def per_window(x: torch.Tensor) -> list[torch.Tensor]:
@@ -634,10 +635,12 @@ def _calibrate(sm: Any, text: str, ctx: int, chunks: int | None, *, progress: bo
             # one window's x^T x in float32 (512 products per entry: 1e-6 relative, half the time of
             # float64), summed over windows in float64
             xx = (x.T @ x).to(torch.float64)
+            xa = torch.sum(x.abs(), dim=0, dtype=torch.float64)
             if key in hess_sums:
                 hess_sums[key] += xx
+                hess_abs[key] += xa
             else:
-                hess_sums[key] = xx
+                hess_sums[key], hess_abs[key] = xx, xa
             hess_rows[key] = hess_rows.get(key, 0) + x.shape[0]
 
     def observe(key: str | None, x: torch.Tensor) -> None:
@@ -781,7 +784,8 @@ def _calibrate(sm: Any, text: str, ctx: int, chunks: int | None, *, progress: bo
                                        if streams[k].rows}, chunks=n_chunk, ctx=ctx, tokens=n_chunk * ctx)
     hess = None
     if hessians:
-        hess = Hessians(model=model_shape(info), rows=hess_rows, sums={k: v.cpu().numpy() for k, v in hess_sums.items()})
+        hess = Hessians(model=model_shape(info), rows=hess_rows, sums={k: v.cpu().numpy() for k, v in hess_sums.items()},
+                        abs_sums={k: v.cpu().numpy() for k, v in hess_abs.items()})
     return Calibration(imatrix=imatrix, activations=stats, hessians=hess)
 
 

@@ -211,26 +211,31 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                               or args.leave_output_tensor):
         raise MixquantError("--pure, --output-tensor-type, --token-embedding-type and --leave-output-tensor go "
                             "with a preset; with --recipe or a target, use --tensor-type")
-    gptq = args.method == "gptq"
-    if args.text and not targets and not gptq:
+    gptq = args.method in ("gptq", "awq+gptq")
+    awq = args.method in ("awq", "awq+gptq")
+    if args.text and not targets and not (gptq or awq):
         raise MixquantError("--text is analysed on the fly for a target only; for a plan's predicted KLD give "
                             "--sensitivity")
-    if args.hessians and not gptq:
-        raise MixquantError("--hessians goes with --method gptq")
-    if gptq and not (args.hessians or args.text):
-        raise MixquantError("--method gptq needs --hessians FILE (mixquant imatrix --hessians, mixquant analyze) "
-                            "or --text CALIB.txt to calibrate on the fly")
+    if args.hessians and not (gptq or awq):
+        raise MixquantError("--hessians goes with --method gptq, awq or awq+gptq")
+    if (gptq or awq) and not (args.hessians or args.text):
+        raise MixquantError(f"--method {args.method} needs --hessians FILE (mixquant imatrix --hessians, mixquant "
+                            "analyze) or --text CALIB.txt to calibrate on the fly")
+    if awq and targets:
+        raise MixquantError(f"--method {args.method} does not allocate: the analysis measures damage with rtn or gptq "
+                            "rounding only; allocate with --method gptq, or give a preset or --recipe")
+    if args.awq_grid < 1:
+        raise MixquantError(f"--awq-grid must be at least 1, got {args.awq_grid}")
     imatrix = _read_imatrix_arg(args.imatrix)
     with open_source(args.src, allow_requantize=args.allow_requantize) as source:
         _check_imatrix(imatrix, source.model, args.imatrix)
         if not args.dry_run:  # before any long work: the output path is usable and overwrites no input
             check_output(args.out, [source.path, args.imatrix, args.sensitivity, args.text, args.recipe,
                                     args.hessians])
-        quantizer = None
-        if gptq and not args.dry_run:
-            quantizer, imatrix = _gptq_quantizer(args, source, imatrix)
-        sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets),
-                                     hessians=None if quantizer is None else quantizer.hessians)
+        quantizer = hessians = None
+        if (gptq or awq) and not args.dry_run:
+            quantizer, hessians, imatrix = _gptq_quantizer(args, source, imatrix)
+        sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets), hessians=hessians)
         if targets:
             plan = _allocated_plan(args, source, sens)
         elif args.recipe is not None:
@@ -252,7 +257,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if predicted and not targets:  # an allocation has said it already
             print(predicted, file=sys.stderr)
         importance = None if imatrix is None else imatrix.as_dict()
-        result = write_gguf(source, plan, args.out, importance=importance, threads=args.threads,
+        written = source
+        if awq:
+            written, importance, quantizer = _awq(args, source, plan, hessians, importance)
+        result = write_gguf(written, plan, args.out, importance=importance, threads=args.threads,
                             progress=sys.stderr.isatty(), file_type=args.type, quantizer=quantizer)
     if quantizer is not None:
         print(f"gptq: {quantizer.gptq_tensors} tensors rounded with error feedback, the rest round-to-nearest",
@@ -261,16 +269,39 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _awq(args: argparse.Namespace, source, plan, hessians, importance):
+    """--method awq / awq+gptq: the scales searched for this plan, and (the source with them folded
+    in, the imatrix they imply, the quantizer: GPTQ on the scaled Hessians, or None)."""
+    from .quantize import HessianQuantizer
+    from .quantize.awq import ScaledHessians, ScaledSource, search_scales
+
+    scales = search_scales(source, dict(plan.types), hessians, importance, grid=args.awq_grid, threads=args.threads,
+                           progress=sys.stderr.isatty())
+    print(scales.summary(), file=sys.stderr)
+    if importance is not None:
+        importance = {name: scales.importance(name, v) for name, v in importance.items()}
+    quantizer = None
+    if args.method == "awq+gptq":
+        quantizer = HessianQuantizer(ScaledHessians(hessians, scales), source.model,
+                                     act_order=args.gptq_order == "act")
+    return ScaledSource(source, scales), importance, quantizer
+
+
 def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
-    """(HessianQuantizer, imatrix) for --method gptq: --hessians FILE, or --text calibrated on the fly
-    (which also gives the imatrix unless --imatrix did)."""
+    """(HessianQuantizer or None, Hessians, imatrix) for --method gptq/awq/awq+gptq: --hessians FILE, or
+    --text calibrated on the fly (which also gives the imatrix unless --imatrix did). The quantizer is
+    --method gptq's (AWQ's comes with its scales); it checks the Hessians fit the model."""
     from .hessians import Hessians
     from .quantize import HessianQuantizer
 
     act_order = args.gptq_order == "act"
 
+    def made(hessians):
+        quantizer = HessianQuantizer(hessians, source.model, act_order=act_order)
+        return (quantizer if args.method == "gptq" else None), hessians
+
     if args.hessians:
-        return HessianQuantizer(Hessians.load(args.hessians), source.model, act_order=act_order), imatrix
+        return *made(Hessians.load(args.hessians)), imatrix
     from .calibrate import calibrate
     from .text import read_text
 
@@ -280,8 +311,7 @@ def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
                     dataset=str(args.text), activations=False, output_importance=True, hessians=True,
                     **_runtime(args))
     print(f"hessians: calibrated on {cal.imatrix.chunks} chunks of {args.text}", file=sys.stderr)
-    return (HessianQuantizer(cal.hessians, source.model, act_order=act_order),
-            imatrix if imatrix is not None else cal.imatrix)
+    return *made(cal.hessians), imatrix if imatrix is not None else cal.imatrix
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -561,12 +591,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", help="sensitivity.json from mixquant analyze: for the targets, and "
                    "the predicted KLD of any plan (per tensor in --dry-run)")
     p.add_argument("--text", help="calibration text: analyse on the fly (for a target without --sensitivity); "
-                   "with --method gptq and no --hessians, the Hessians (and imatrix) are calibrated on it")
-    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   "with --method gptq/awq/awq+gptq and no --hessians, the Hessians (and imatrix) are "
+                   "calibrated on it")
+    p.add_argument("--method", choices=("rtn", "gptq", "awq", "awq+gptq"), default="rtn",
                    help="rtn: llama-quantize's round-to-nearest (default, the same bytes); gptq: error-compensated "
-                        "rounding inside the GGUF blocks with the inputs' Hessians")
+                        "rounding inside the GGUF blocks with the inputs' Hessians; awq: per-channel scales "
+                        "(mean|x|^alpha, searched on the Hessians) folded into the norms and v/up rows; "
+                        "awq+gptq: both")
     p.add_argument("--hessians", metavar="FILE", help="hessians.safetensors (mixquant analyze, mixquant imatrix "
-                   "--hessians) for --method gptq")
+                   "--hessians) for --method gptq, awq, awq+gptq")
+    p.add_argument("--awq-grid", type=int, default=20, metavar="N",
+                   help="awq: alphas searched, 0, 1/N, ..., (N-1)/N (default 20)")
     p.add_argument("--gptq-order", choices=("natural", "act"), default="natural",
                    help="gptq column order: natural (default): left to right, each block fitted when the sweep "
                         "reaches it; act: static groups, every block fitted first, columns by descending input "

@@ -3,7 +3,8 @@
 `calibrate(..., hessians=True)` accumulates them in float64, one per distinct linear input (q/k/v
 share "blk.N.attn_in", gate/up "blk.N.ffn_in"; "blk.N.attn_output_in", "blk.N.ffn_down_in" and the
 output layer's "output_in": the keys of `calibrate.input_of`), over the same tokens as the imatrix,
-so diag(H) / rows equals the imatrix entry of every weight reading that input.
+so diag(H) / rows equals the imatrix entry of every weight reading that input. Beside each H, the
+per-channel sum of |x| over the same rows (AWQ's activation magnitude, mean |x|; `mean_abs`).
 
 The file (`hessians.safetensors`) holds one float64 (cols, cols) tensor per key and, in the
 safetensors metadata, the schema, the model's shape and the row count of every key. Its size is
@@ -27,6 +28,7 @@ from .files import atomic_output
 SCHEMA = "mixquant.hessians/1"
 # Hessians held in memory while calibrating (and written at the end) unless the caller says otherwise.
 DEFAULT_BUDGET_BYTES = 4 << 30
+_ABS = "abs_sum/"  # the file's name of an input's sum of |x| ("abs_sum/blk.3.attn_in")
 
 
 def hessian_bytes(input_cols: dict[str, int]) -> int:
@@ -43,7 +45,8 @@ def check_budget(input_cols: dict[str, int], budget: int, where: str) -> None:
 
 @dataclass
 class Hessians:
-    """input key -> float64 (cols, cols) sum of x x^T, and the rows (tokens) summed.
+    """input key -> float64 (cols, cols) sum of x x^T, and the rows (tokens) summed; `abs_sums`:
+    input key -> float64 (cols,) sum of |x| over the same rows (files written before it have none).
 
     `model` names the shape of the model they belong to ({"arch", "n_layer", "n_embd"}); a file
     read with `load` keeps the tensors on disk until `matrix(key)` asks for one.
@@ -53,6 +56,7 @@ class Hessians:
     rows: dict[str, int]
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     path: Path | None = None
+    abs_sums: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows
@@ -77,13 +81,27 @@ class Hessians:
             raise MixquantError(f"{self.path}: cannot read Hessian {key}: {exc}") from None
         return h
 
+    def mean_abs(self, key: str) -> np.ndarray:
+        """mean |x| per input channel of `key` (float64), over the rows H sums."""
+        if key not in self.abs_sums and self.path is not None and _ABS + key in getattr(self, "_shapes", {}):
+            from safetensors import safe_open
+
+            with safe_open(self.path, framework="numpy") as f:
+                self.abs_sums[key] = f.get_tensor(_ABS + key)
+        if key not in self.abs_sums:
+            raise MixquantError(f"{self.path or 'Hessians'}: no mean |x| statistics for {key} (a file written "
+                                "before they were collected: calibrate again)")
+        return self.abs_sums[key] / max(self.rows[key], 1)
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write to `path` atomically (`files.atomic_output`: nothing half-written)."""
         from safetensors.numpy import save_file
 
         meta = {"schema": SCHEMA, "model": json.dumps(self.model), "rows": json.dumps(self.rows)}
         with atomic_output(path) as tmp:
-            save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.sums.items()}, tmp, metadata=meta)
+            tensors = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.sums.items()}
+            tensors.update({_ABS + k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.abs_sums.items()})
+            save_file(tensors, tmp, metadata=meta)
         return Path(path)
 
     @classmethod
@@ -110,6 +128,11 @@ class Hessians:
             rows = {str(k): int(v) for k, v in json.loads(meta["rows"]).items()}
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise MixquantError(f"{path}: bad Hessians metadata: {exc}") from None
+        abs_shapes = {k: shapes.pop(k) for k in list(shapes) if k.startswith(_ABS)}
+        for key, shape in abs_shapes.items():
+            if shape != (shapes.get(key.removeprefix(_ABS), (None,))[0],) or dtypes[key] != "F64":
+                raise MixquantError(f"{path}: entry {key} is {dtypes[key]} {shape}, expected F64 (cols,) beside "
+                                    f"its Hessian")
         for key, shape in shapes.items():
             if len(shape) != 2 or shape[0] != shape[1] or dtypes[key] != "F64" or key not in rows:
                 raise MixquantError(f"{path}: entry {key} is {dtypes[key]} {shape}, expected a square F64 "
@@ -120,7 +143,7 @@ class Hessians:
         if size < hessian_bytes({k: s[0] for k, s in shapes.items()}):
             raise MixquantError(f"{path}: truncated ({size:,} bytes)")
         h = cls(model=model, rows=rows, path=path)
-        h._shapes = shapes
+        h._shapes = {**shapes, **abs_shapes}
         return h
 
     def check_model(self, model: dict[str, int | str], where: str) -> None:

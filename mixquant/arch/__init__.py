@@ -12,6 +12,7 @@ from .base import (
     BLOCK_INPUTS,
     INPUT_GROUPS,
     Adapter,
+    Fold,
     for_config,
     for_gguf_arch,
     for_model,
@@ -21,5 +22,5 @@ from .base import (
     unpermute_qk,
 )
 
-__all__ = ["Adapter", "register", "for_config", "for_gguf_arch", "for_model", "hf_classes", "permute_qk",
+__all__ = ["Adapter", "Fold", "register", "for_config", "for_gguf_arch", "for_model", "hf_classes", "permute_qk",
            "unpermute_qk", "INPUT_GROUPS", "BLOCK_INPUTS"]

@@ -18,6 +18,7 @@ and the config's model_type; GGUF sources find it by general.architecture. Every
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from ..plan import ModelInfo
     from ..source import HFSource
 
-__all__ = ["Adapter", "register", "for_config", "for_gguf_arch", "for_model", "hf_classes", "permute_qk",
+__all__ = ["Adapter", "Fold", "register", "for_config", "for_gguf_arch", "for_model", "hf_classes", "permute_qk",
            "unpermute_qk", "INPUT_GROUPS", "BLOCK_INPUTS"]
 
 # GGUF weight kind -> the activation it multiplies, shared by the weights that read the same tensor
@@ -68,6 +69,24 @@ def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
     return np.ascontiguousarray(
         w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One exact per-channel rescaling inside a block (`Adapter.folds`): the feeder's output channels
+    divided by s and the targets' input columns multiplied by s[column_channel] compute the same
+    function (a norm's weight multiplies its output; a linear feeder's rows, and its bias, make it)."""
+
+    feeder: str  # GGUF tensor: a norm weight (its elements) or a linear weight (its rows) giving the channels
+    rows: slice  # the feeder's rows (elements) that are the channels, in order
+    bias: str | None  # the feeder's bias, divided along the same rows
+    targets: tuple[str, ...]  # the weights reading the channels
+    input_key: str  # the targets' input ("blk.3.attn_in"): their Hessian's and statistics' key
+    column_channel: np.ndarray | None  # target column -> channel (None: column j reads channel j)
+
+    @property
+    def channels(self) -> int:
+        return self.rows.stop - self.rows.start
 
 
 class Adapter:
@@ -281,6 +300,51 @@ class Adapter:
         if tensor_name == "output.weight" or (tied_output and tensor_name == "token_embd.weight"):
             return "output_in"
         return None
+
+    def folds(self, info: ModelInfo) -> list[Fold]:
+        """Every `norm_feeds` rescaling of the model, block by block (each block's linear feeders,
+        v -> o and up -> down, before its norms), for AWQ-style weight transforms."""
+        shapes = {t.name: t.shape for t in info.tensors}
+        out = []
+        for i in range(info.n_layer):
+            block = []
+            for kind, target_kinds in self.norm_feeds.items():
+                feeder, targets = f"blk.{i}.{kind}.weight", tuple(f"blk.{i}.{k}.weight" for k in target_kinds)
+                if feeder not in shapes or not all(t in shapes for t in targets):
+                    continue
+                cols = {shapes[t][-1] for t in targets}
+                if len(cols) != 1 or any(len(shapes[t]) != 2 for t in targets):
+                    raise MixquantError(f"{self.name}: {', '.join(targets)} do not read one input of one width")
+                rows, column_channel = self.fold_channels(kind, shapes[feeder], cols.pop(), info)
+                bias = f"blk.{i}.{kind}.bias"
+                block.append(Fold(feeder, rows, bias if len(shapes[feeder]) == 2 and bias in shapes else None, targets,
+                                  self.input_of(targets[0]), column_channel))
+            out += sorted(block, key=lambda f: len(shapes[f.feeder]) == 1)  # linear feeders first
+        return out
+
+    def fold_channels(self, kind: str, feeder_shape: tuple[int, ...], cols: int, info: ModelInfo
+                      ) -> tuple[slice, np.ndarray | None]:
+        """(the feeder's rows that are the channels, target column -> channel) for a `norm_feeds`
+        feeder of this shape whose targets have `cols` columns. A norm or a linear with one row per
+        column: all of them, one to one. attn_v under grouped-query attention: its n_head_kv heads'
+        rows, each read by the attn_output columns of the n_head / n_head_kv query heads it serves."""
+        rows = feeder_shape[0]
+        if len(feeder_shape) == 1 or rows == cols:
+            if rows != cols:
+                raise MixquantError(f"{self.name}: {kind} has {rows} channels but feeds inputs of {cols} columns")
+            return slice(0, rows), None
+        return slice(0, rows), self._kv_columns(kind, rows, cols, info)
+
+    def _kv_columns(self, kind: str, kv_rows: int, cols: int, info: ModelInfo) -> np.ndarray:
+        """attn_output column -> value channel under grouped-query attention (query head h reads kv
+        head h // (n_head / n_head_kv))."""
+        if info.n_head_kv <= 0 or cols % info.n_head or info.n_head % info.n_head_kv \
+                or kv_rows != info.n_head_kv * (cols // info.n_head):
+            raise MixquantError(f"{self.name}: cannot map {kind}'s {kv_rows} rows onto {cols} attention columns "
+                                f"({info.n_head} heads, {info.n_head_kv} kv heads)")
+        head_dim = cols // info.n_head
+        col = np.arange(cols)
+        return (col // head_dim) // (info.n_head // info.n_head_kv) * head_dim + col % head_dim
 
     def block_kwargs(self, decoder: torch.nn.Module, embeds: torch.Tensor,
                      position_ids: torch.Tensor) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import gguf
+import numpy as np
 
 from ..errors import MixquantError
 from .base import Adapter, register
@@ -13,6 +14,7 @@ from .base import Adapter, register
 if TYPE_CHECKING:
     from gguf import GGUFWriter
 
+    from ..plan import ModelInfo
     from ..source import HFSource
 
 
@@ -26,6 +28,20 @@ class Phi3(Adapter):
     # attn_qkv's V rows feed attn_output, ffn_up's up half (its second half) feeds ffn_down
     norm_feeds = {"attn_norm": ("attn_qkv",), "ffn_norm": ("ffn_up",), "attn_qkv": ("attn_output",),
                   "ffn_up": ("ffn_down",)}
+
+    def fold_channels(self, kind: str, feeder_shape: tuple[int, ...], cols: int, info: ModelInfo
+                      ) -> tuple[slice, np.ndarray | None]:
+        """The fused feeders' parts: attn_qkv's last kv rows (V), ffn_up's second half (up)."""
+        rows = feeder_shape[0]
+        if kind == "ffn_up" and len(feeder_shape) == 2:
+            if rows != 2 * cols:
+                raise MixquantError(f"{self.name}: fused ffn_up has {rows} rows, expected 2 x {cols}")
+            return slice(cols, rows), None
+        if kind == "attn_qkv" and len(feeder_shape) == 2:
+            kv_rows = (rows - cols) // 2  # q has n_head x head_dim = attn_output's columns
+            v = slice(rows - kv_rows, rows)
+            return v, (None if kv_rows == cols else self._kv_columns(kind, kv_rows, cols, info))
+        return super().fold_channels(kind, feeder_shape, cols, info)
 
     def expected_shapes(self, n_embd: int, q_rows: int, kv_rows: int, head_dim: int, n_ff: int | None,
                         n_vocab: int) -> dict[str, tuple[int, ...]]:
