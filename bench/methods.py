@@ -16,6 +16,7 @@ KLD change) and writes results.json into `--out`. Tensor data bytes are equal (c
 differ by llama-quantize's few metadata keys (quantize.imatrix.*).
 
 Run: .venv/bin/python bench/methods.py [--plans Q4_0,Q4_K_M] [--chunks 32] [--referee-chunks 20] [--threads 2]
+         [--gptq-variants "no refit=--no-gptq-refit;damp 0.1%=--gptq-damp 0.001"]
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> int:
     p.add_argument("--referee-chunks", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep-gguf", action="store_true")
+    p.add_argument("--gptq-variants", default="", metavar="LABEL=ARGS;...",
+                   help='more gptq rows, each with extra quantize arguments, e.g. "refit=--gptq-refit;'
+                        'damp 0.1%%=--gptq-damp 0.001"')
     args = p.parse_args()
     if args.out is None:
         from mixquant.cache import cache_dir
@@ -93,14 +97,22 @@ def main() -> int:
         log(f"mixquant calibrate with Hessians: {args.chunks} chunks, {time.perf_counter() - start:.0f} s")
     referee = Referee(args, source, eval_text)
     mixquant = [sys.executable, "-m", "mixquant.cli"]
+
+    def gptq_cmd(out: Path, plan: str, extra: tuple[str, ...] = ()) -> list[str]:
+        return [*mixquant, "quantize", str(folder), str(out), plan, "--imatrix", str(imatrix), "--method", "gptq",
+                "--hessians", str(hessians), "--threads", str(args.threads), *extra]
+
     rows = []
     for plan in args.plans.split(","):
         files = {"llama.cpp imatrix": args.out / f"{plan}-llama.gguf", "mixquant gptq": args.out / f"{plan}-gptq.gguf"}
         cmds = {"llama.cpp imatrix": [str(llama_tool("llama-quantize")), "--imatrix", str(imatrix), str(f32),
                                       str(files["llama.cpp imatrix"]), plan, str(args.threads)],
-                "mixquant gptq": [*mixquant, "quantize", str(folder), str(files["mixquant gptq"]), plan, "--imatrix",
-                                  str(imatrix), "--method", "gptq", "--hessians", str(hessians), "--threads",
-                                  str(args.threads)]}
+                "mixquant gptq": gptq_cmd(files["mixquant gptq"], plan)}
+        for variant in filter(None, args.gptq_variants.split(";")):
+            label, _, extra = variant.partition("=")
+            method = f"mixquant gptq {label.strip()}"
+            files[method] = args.out / f"{plan}-gptq-{''.join(c if c.isalnum() else '_' for c in label)}.gguf"
+            cmds[method] = gptq_cmd(files[method], plan, tuple(extra.split()))
         for method, cmd in cmds.items():
             files[method].unlink(missing_ok=True)
             seconds, peak = measured(cmd)
@@ -115,13 +127,13 @@ def main() -> int:
 
     print(f"\nreferee: llama-perplexity --kl-divergence, {args.referee_chunks} chunks of 512 of the evaluation text; "
           f"calibration: {args.chunks} chunks of 512; {args.threads} threads")
-    print(f"{'plan':<8} {'method':<18} {'mean KLD':>9} {'p99 KLD':>8} {'top-1':>7} {'PPL':>8} {'file bytes':>12} "
+    print(f"{'plan':<8} {'method':<26} {'mean KLD':>9} {'p99 KLD':>8} {'top-1':>7} {'PPL':>8} {'file bytes':>12} "
           f"{'time s':>7} {'peak MB':>8} {'KLD change':>10}")
     for r in rows:
         base = next(b for b in rows if b["plan"] == r["plan"] and b["method"] == "llama.cpp imatrix")
         change = "" if r is base else f"{100 * (r['kld_mean'] / base['kld_mean'] - 1):+.1f}%"
         same = "" if r["tensor_bytes"] == base["tensor_bytes"] else " (tensor bytes differ!)"
-        print(f"{r['plan']:<8} {r['method']:<18} {r['kld_mean']:9.5f} {r['kld_p99']:8.4f} {100 * r['top1']:6.2f}% "
+        print(f"{r['plan']:<8} {r['method']:<26} {r['kld_mean']:9.5f} {r['kld_p99']:8.4f} {100 * r['top1']:6.2f}% "
               f"{r['ppl']:8.4f} {r['file_bytes']:12,d} {r['seconds']:7.1f} {r['peak_mb']:8.0f} {change:>10}{same}")
     return 0
 

@@ -258,10 +258,16 @@ def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
     from .hessians import Hessians
     from .quantize import HessianQuantizer
 
-    act_order = args.gptq_order == "act"
+    if args.gptq_damp is not None and not args.gptq_damp >= 0:
+        raise MixquantError(f"--gptq-damp must be a fraction >= 0, got {args.gptq_damp}")
+    options: dict[str, Any] = {"act_order": args.gptq_order == "act"}
+    if args.gptq_refit is not None:  # else gptq's defaults
+        options["refit"] = args.gptq_refit
+    if args.gptq_damp is not None:
+        options["damp"] = args.gptq_damp
 
     if args.hessians:
-        return HessianQuantizer(Hessians.load(args.hessians), source.model, act_order=act_order), imatrix
+        return HessianQuantizer(Hessians.load(args.hessians), source.model, **options), imatrix
     from .calibrate import calibrate
     from .text import read_text
 
@@ -271,7 +277,7 @@ def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
                     dataset=str(args.text), activations=False, output_importance=True, hessians=True,
                     **_runtime(args))
     print(f"hessians: calibrated on {cal.imatrix.chunks} chunks of {args.text}", file=sys.stderr)
-    return (HessianQuantizer(cal.hessians, source.model, act_order=act_order),
+    return (HessianQuantizer(cal.hessians, source.model, **options),
             imatrix if imatrix is not None else cal.imatrix)
 
 
@@ -553,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq column order: natural (default): left to right, each block fitted when the sweep "
                         "reaches it; act: static groups, every block fitted first, columns by descending input "
                         "energy (lower KLD at Q4_K_M and Q3_K_M with natural, measured)")
+    p.add_argument("--gptq-refit", action=argparse.BooleanOptionalAction,
+                   help="gptq: afterwards refit each block's stored scales (float16 d/dmin, integer sub-block "
+                        "scales and mins) given its codes, where that lowers the Hessian-weighted error "
+                        "(default: off)")
+    p.add_argument("--gptq-damp", type=float, metavar="FRACTION",
+                   help="gptq: damping added to H's diagonal, as a fraction of its mean (default 0.01)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
     p.add_argument("--imatrix", help="importance matrix (llama-imatrix .gguf or legacy .dat)")
