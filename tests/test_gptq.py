@@ -75,3 +75,84 @@ def test_bad_hessians_are_clear_errors():
     with pytest.raises(MixquantError, match="singular"):
         quantize(w, "Q4_0", singular, imp, damp=0.0)
     quantize(w, "Q4_0", singular, imp)  # the default damping makes it usable
+
+
+def _codes_and_params(data: bytes, type_name: str, rows: int):
+    codec = formats.get(type_name)
+    fr = codec.frozen(True)
+    blocks = np.frombuffer(data, np.uint8).reshape(rows, -1, codec.type_size)
+    return fr, [(fr.layout.unpack(blocks[:, b]), fr.scales.read(blocks[:, b])) for b in range(blocks.shape[1])]
+
+
+@pytest.mark.parametrize("type_name", BLOCK_TYPES)
+def test_block_scales_are_the_decoders(type_name):
+    """Each format's stored parameters as `BlockScales` reads them, changed at random within their
+    ranges and written back, decode (ggml's decoder) to exactly the values the refit computes."""
+    from mixquant.quantize.gptq import _block_values
+
+    rng = np.random.default_rng(4)
+    x = tensor_cases(COLS, 8)["gaussian"]
+    codec = formats.get(type_name)
+    data = np.frombuffer(formats.quantize(x, type_name, None), np.uint8).reshape(8, -1).copy()
+    fr, blocks = _codes_and_params(data.tobytes(), type_name, 8)
+    bs = fr.scales
+    for b, (codes, (d, dmin, sc, m)) in enumerate(blocks):
+        view = data[:, b * codec.type_size:(b + 1) * codec.type_size]
+        assert np.array_equal(bs.write(view, d, dmin, sc, m), view)  # read and write agree
+        d = (d * rng.uniform(0.5, 2, d.shape)).astype(np.float16).astype(np.float32)
+        dmin = rng.normal(0, 0.1, d.shape).astype(np.float16).astype(np.float32)
+        sc = rng.integers(bs.scale_range[0], bs.scale_range[1] + 1, sc.shape)
+        lo, hi = bs.min_range or (0, 0)
+        m = rng.integers(lo, hi + 1, m.shape)
+        view[:] = bs.write(view, d, dmin, sc, m)
+        got = bs.read(view)
+        assert np.array_equal(got[0], d) and np.array_equal(got[2], sc)
+        if bs.min_range is not None:
+            assert np.array_equal(got[1], dmin) and np.array_equal(got[3], m)
+    deq = codec.dequantize_rows(data)
+    size = codec.block_size
+    for b, (codes, (d, dmin, sc, m)) in enumerate(_codes_and_params(data.tobytes(), type_name, 8)[1]):
+        values = np.empty((8, size))
+        _block_values(d, dmin, sc, m, codes, fr.values.astype(np.float32).astype(np.float64), bs.sub_block,
+                      bs.min_range is not None, bs.min_sign, values)
+        assert np.array_equal(values, deq[:, b * size:(b + 1) * size]), b
+
+
+@pytest.mark.parametrize("type_name", BLOCK_TYPES)
+def test_refit_keeps_the_codes_and_never_raises_a_rows_error(type_name):
+    """--gptq-refit moves only the stored scales, and only where the Hessian-weighted error (of the
+    decoded values, the dampened H the sweep minimises) goes down: per row it never goes up, and
+    over correlated inputs it goes down."""
+    from mixquant.quantize.gptq import dampened
+
+    w, h, imp = _correlated(16)
+    hd = dampened(h)
+    cases = {**tensor_cases(COLS, 16), "correlated": w}
+    total = [0.0, 0.0]
+    for case, x in cases.items():
+        for importance in (None, imp):
+            plain = quantize(x, type_name, h, importance)
+            refit = quantize(x, type_name, h, importance, refit=True)
+            (_, before), (_, after) = (_codes_and_params(d, type_name, 16) for d in (plain, refit))
+            assert all(np.array_equal(a[0], b[0]) for a, b in zip(before, after)), case  # the same codes
+            errors = []
+            for data in (plain, refit):
+                dw = x.astype(np.float64) - formats.dequantize(data, type_name, x.shape)
+                errors.append(np.einsum("ij,ij->i", dw @ hd, dw))
+            assert (errors[1] <= errors[0] * (1 + 1e-12)).all(), (case, importance is None)
+            if case == "correlated":
+                total = [total[0] + errors[0].sum(), total[1] + errors[1].sum()]
+    assert total[1] < 0.99 * total[0], total
+
+
+def test_refit_off_is_the_sweep_alone():
+    """The diagonal-H exactness anchor holds with refit off (the default); with refit on and a
+    diagonal H the codes are still round-to-nearest's."""
+    h = _diagonal_hessian(3, False)
+    x = tensor_cases(COLS, 8)["gaussian"]
+    for type_name in ("Q4_K", "Q4_0"):
+        ref = formats.quantize(x, type_name, None)
+        assert quantize(x, type_name, h, None, refit=False) == ref
+        fr, a = _codes_and_params(ref, type_name, 8)
+        _, b = _codes_and_params(quantize(x, type_name, h, None, refit=True), type_name, 8)
+        assert all(np.array_equal(p[0], q[0]) for p, q in zip(a, b))
