@@ -58,6 +58,7 @@ def main() -> int:
     p.add_argument("--gptq-variants", default="", metavar="LABEL=ARGS;...",
                    help='more gptq rows, each with extra quantize arguments, e.g. "refit=--gptq-refit;'
                         'damp 0.1%%=--gptq-damp 0.001"')
+    p.add_argument("--variants-only", action="store_true", help="with --gptq-variants: skip the default gptq row")
     args = p.parse_args()
     if args.out is None:
         from mixquant.cache import cache_dir
@@ -113,6 +114,8 @@ def main() -> int:
             method = f"mixquant gptq {label.strip()}"
             files[method] = args.out / f"{plan}-gptq-{''.join(c if c.isalnum() else '_' for c in label)}.gguf"
             cmds[method] = gptq_cmd(files[method], plan, tuple(extra.split()))
+        if args.variants_only and args.gptq_variants:
+            del cmds["mixquant gptq"]
         for method, cmd in cmds.items():
             files[method].unlink(missing_ok=True)
             seconds, peak = measured(cmd)

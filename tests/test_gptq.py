@@ -156,3 +156,23 @@ def test_refit_off_is_the_sweep_alone():
         fr, a = _codes_and_params(ref, type_name, 8)
         _, b = _codes_and_params(quantize(x, type_name, h, None, refit=True), type_name, 8)
         assert all(np.array_equal(p[0], q[0]) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_1", "Q3_K", "Q8_0", "IQ4_NL"])
+def test_resweeps_never_raise_a_rows_error(type_name):
+    """A resweep (the sweep again with the refitted scales frozen, then refitted) keeps a row only
+    where its error went down; formats whose codes are not consecutive integers are left as refitted."""
+    from mixquant.quantize.gptq import dampened
+
+    w, h, imp = _correlated(16)
+    hd = dampened(h)
+    errors = []
+    for resweeps in (0, 1):
+        dw = w.astype(np.float64) - formats.dequantize(quantize(w, type_name, h, imp, refit=True, resweeps=resweeps),
+                                                      type_name, w.shape)
+        errors.append(np.einsum("ij,ij->i", dw @ hd, dw))
+    assert (errors[1] <= errors[0]).all()
+    if type_name in ("Q8_0", "IQ4_NL"):
+        assert np.array_equal(errors[0], errors[1])
+    else:
+        assert errors[1].sum() < errors[0].sum()

@@ -301,6 +301,24 @@ def refit_scales(w: np.ndarray, data: np.ndarray, codec: Codec, fr, h: np.ndarra
     return out
 
 
+def _row_errors(w: np.ndarray, data: np.ndarray, codec: Codec, h: np.ndarray) -> np.ndarray:
+    """(W - Q) H (W - Q)^T's diagonal: each row's error, rows being independent."""
+    import torch
+
+    dw = w.astype(np.float64) - codec.dequantize_rows(data)
+    with _torch_threads(1):
+        return np.einsum("ij,ij->i", (torch.from_numpy(dw) @ torch.from_numpy(h)).numpy(), dw)
+
+
+def _uniform_grid(fr) -> np.ndarray | None:
+    """(lo, hi, shift) for the k-quants' rounding (`kquants.frozen_code`) where the code values are
+    the consecutive integers lo .. hi (code = value + shift), else None (Q8_0's int8 bytes, IQ4)."""
+    lo, hi = int(fr.values[0]), int(fr.values[-1])
+    if not np.array_equal(fr.values, np.arange(lo, hi + 1)):
+        return None
+    return np.array([lo, hi, -lo], dtype=np.int64)
+
+
 def _value_params(codec: Codec, fr, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per weight (scale, offset) with value(code) = scale * values[code] + offset, from the decoder."""
     c0, c1 = fr.probe
@@ -332,7 +350,7 @@ def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -
 
 def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importance: np.ndarray | None = None,
              *, damp: float = DEFAULT_DAMP, act_order: bool = False, prepared: Factor | None = None,
-             refit: bool = DEFAULT_REFIT) -> bytes:
+             refit: bool = DEFAULT_REFIT, resweeps: int = 0) -> bytes:
     """The GGUF bytes of the (rows, cols) float32 matrix `w` in `type_name`, rounded with GPTQ's
     error feedback through H (cols, cols), the sum of x x^T of the input `w` multiplies.
 
@@ -341,7 +359,9 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
     uses it. act_order: static groups (every block fitted on the original weights first, then the
     columns swept by descending diag(H); GGUF has no column index, so codes go back in place).
     `prepared`: `factor(H, damp, act_order)` computed already (instead of H). refit: afterwards,
-    each block's stored scales refitted given its codes (`refit_scales`).
+    each block's stored scales refitted given its codes (`refit_scales`). resweeps (with refit, in
+    natural order, formats whose codes are consecutive integers): that many more sweeps with the
+    refitted parameters frozen, each refitted again, a row kept only where its error went down.
     """
     import torch
 
@@ -382,37 +402,65 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
                 dst[:, c0:c0 + bsize] = src
         work = np.ascontiguousarray(w[:, fac.order], dtype=np.float64)
         codes = np.empty((rows, cols), dtype=np.int16)  # in place (natural column order)
+        sweep_natural = None
     else:
-        work = w.astype(np.float64)
-        codes = np.empty((rows, bsize), dtype=np.int64)
+        def sweep_natural(fit, family, params):
+            """The natural-order sweep, each block's parameters from fit(block weights, c0); into out."""
+            work = w.astype(np.float64)
+            codes = np.empty((rows, bsize), dtype=np.int64)
+            for i1 in range(0, cols, lazy):
+                i2 = min(cols, i1 + lazy)
+                batch = np.ascontiguousarray(work[:, i1:i2])
+                err = np.zeros_like(batch)
+                u1 = np.ascontiguousarray(u[i1:i2, i1:i2])
+                for b0 in range(0, i2 - i1, bsize):
+                    c0 = i1 + b0
+                    data, scale, offset, fit_codes, value_scale, value_offset = fit(batch[:, b0:b0 + bsize], c0)
+                    _sweep_block(batch, err, u1, b0, scale, offset, fit_codes, family, params,
+                                 value_scale, value_offset, fr.values, codes)
+                    nb = c0 // bsize * codec.type_size
+                    out[:, nb:nb + codec.type_size] = fr.layout.pack(codes, data)
+                if i2 < cols:
+                    with _torch_threads(1):
+                        delta = (torch.from_numpy(err) @ torch.from_numpy(u[i1:i2, i2:])).numpy()
+                    work[:, i2:] -= delta
+
+        sweep_natural(fit, fr.family, fr.params)
+        if refit:
+            out = refit_scales(w, out, codec, fr, fac.h)
+            grid = _uniform_grid(fr)
+            for _ in range(resweeps if grid is not None else 0):
+                stored = out.copy()
+
+                def fit_stored(_block_w, c0):
+                    data = stored[:, c0 // bsize * codec.type_size:(c0 // bsize + 1) * codec.type_size]
+                    value_scale, value_offset = _value_params(codec, fr, data)
+                    return (data, value_scale.astype(np.float32), value_offset.astype(np.float32),
+                            fr.layout.unpack(data), value_scale, value_offset)
+
+                sweep_natural(fit_stored, 1, grid)
+                out = refit_scales(w, out, codec, fr, fac.h)
+                better = _row_errors(w, out, codec, fac.h) < _row_errors(w, stored, codec, fac.h)
+                out[~better] = stored[~better]  # alternating is not monotone: per row, keep the lower error
+        return out.tobytes()
     for i1 in range(0, cols, lazy):
         i2 = min(cols, i1 + lazy)
         batch = np.ascontiguousarray(work[:, i1:i2])
         err = np.zeros_like(batch)
         u1 = np.ascontiguousarray(u[i1:i2, i1:i2])
-        if fac.order is not None:
-            cols_here = fac.order[i1:i2]
-            scale, offset, fit_codes, value_scale, value_offset = (a[:, cols_here] for a in per_col)
-            part = np.empty((rows, i2 - i1), dtype=np.int64)
-            _sweep_block(batch, err, u1, 0, scale, offset, fit_codes, fr.family, fr.params, value_scale,
-                         value_offset, fr.values, part)
-            codes[:, cols_here] = part
-        else:
-            for b0 in range(0, i2 - i1, bsize):
-                c0 = i1 + b0
-                data, scale, offset, fit_codes, value_scale, value_offset = fit(batch[:, b0:b0 + bsize], c0)
-                _sweep_block(batch, err, u1, b0, scale, offset, fit_codes, fr.family, fr.params,
-                             value_scale, value_offset, fr.values, codes)
-                nb = c0 // bsize * codec.type_size
-                out[:, nb:nb + codec.type_size] = fr.layout.pack(codes, data)
+        cols_here = fac.order[i1:i2]
+        scale, offset, fit_codes, value_scale, value_offset = (a[:, cols_here] for a in per_col)
+        part = np.empty((rows, i2 - i1), dtype=np.int64)
+        _sweep_block(batch, err, u1, 0, scale, offset, fit_codes, fr.family, fr.params, value_scale,
+                     value_offset, fr.values, part)
+        codes[:, cols_here] = part
         if i2 < cols:
             with _torch_threads(1):
                 delta = (torch.from_numpy(err) @ torch.from_numpy(u[i1:i2, i2:])).numpy()
             work[:, i2:] -= delta
-    if fac.order is not None:
-        for b, c0 in enumerate(range(0, cols, bsize)):
-            nb = b * codec.type_size
-            out[:, nb:nb + codec.type_size] = fr.layout.pack(codes[:, c0:c0 + bsize], datas[b])
+    for b, c0 in enumerate(range(0, cols, bsize)):
+        nb = b * codec.type_size
+        out[:, nb:nb + codec.type_size] = fr.layout.pack(codes[:, c0:c0 + bsize], datas[b])
     if refit:
         del work, batch, err  # the sweep's float64 copies, before the refit makes its own
         out = refit_scales(w, out, codec, fr, fac.h)
@@ -426,7 +474,7 @@ class HessianQuantizer:
     """
 
     def __init__(self, hessians, model, damp: float = DEFAULT_DAMP, act_order: bool = False,
-                 refit: bool = DEFAULT_REFIT):
+                 refit: bool = DEFAULT_REFIT, resweeps: int = 0):
         from ..calibrate import input_of
         from ..hessians import model_shape
 
@@ -434,6 +482,7 @@ class HessianQuantizer:
         self.damp = damp
         self.act_order = act_order
         self.refit = refit
+        self.resweeps = resweeps
         hessians.check_model(model_shape(model), str(hessians.path or "Hessians"))
         self._key = {t.name: input_of(t.name, tied_output=bool(model.tied_output)) for t in model.tensors}
         for t in model.tensors:  # refuse Hessians of another shape before any work
@@ -453,4 +502,5 @@ class HessianQuantizer:
             self._factors.clear()  # tensors come block by block: keep only the current input's factor
             self._factors[key] = factor(self.hessians.matrix(key), self.damp, self.act_order)
         self.gptq_tensors += 1
-        return quantize(w, type_name, importance=importance, prepared=self._factors[key], refit=self.refit)
+        return quantize(w, type_name, importance=importance, prepared=self._factors[key], refit=self.refit,
+                        resweeps=self.resweeps)
