@@ -266,8 +266,9 @@ def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
     if args.gptq_damp is not None:
         options["damp"] = args.gptq_damp
     if args.gptq_resweeps:
-        if args.gptq_resweeps < 0 or not options.get("refit"):
-            raise MixquantError("--gptq-resweeps takes a count >= 0, with --gptq-refit")
+        if args.gptq_resweeps < 0 or args.gptq_refit is False:
+            raise MixquantError(f"--gptq-resweeps takes a count >= 0 and the refit, got {args.gptq_resweeps}"
+                                + (" with --no-gptq-refit" if args.gptq_refit is False else ""))
         options["resweeps"] = args.gptq_resweeps
 
     if args.hessians:
@@ -566,9 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-refit", action=argparse.BooleanOptionalAction,
                    help="gptq: afterwards refit each block's stored scales (float16 d/dmin, integer sub-block "
                         "scales and mins) given its codes, where that lowers the Hessian-weighted error "
-                        "(default: off)")
+                        "(default: on)")
     p.add_argument("--gptq-resweeps", type=int, default=0, metavar="N",
-                   help="gptq with --gptq-refit: N more sweeps with the refitted scales frozen, each refitted "
+                   help="gptq with the refit: N more sweeps with the refitted scales frozen, each refitted "
                         "again, a row kept where its error went down (default 0)")
     p.add_argument("--gptq-damp", type=float, metavar="FRACTION",
                    help="gptq: damping added to H's diagonal, as a fraction of its mean (default 0.01)")

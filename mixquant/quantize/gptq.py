@@ -37,7 +37,7 @@ from ..formats.base import Codec
 
 METHODS = ("rtn", "gptq")
 DEFAULT_DAMP = 0.01
-DEFAULT_REFIT = False
+DEFAULT_REFIT = True  # measured: lower mean and p99 KLD at Q3_K_M, Q2_K (README)
 _LAZY_COLUMNS = 128  # columns per lazy batch (rounded up to whole blocks)
 
 
