@@ -98,7 +98,7 @@ def test_block_scales_are_the_decoders(type_name):
     data = np.frombuffer(formats.quantize(x, type_name, None), np.uint8).reshape(8, -1).copy()
     fr, blocks = _codes_and_params(data.tobytes(), type_name, 8)
     bs = fr.scales
-    for b, (codes, (d, dmin, sc, m)) in enumerate(blocks):
+    for b, (_codes, (d, dmin, sc, m)) in enumerate(blocks):
         view = data[:, b * codec.type_size:(b + 1) * codec.type_size]
         assert np.array_equal(bs.write(view, d, dmin, sc, m), view)  # read and write agree
         d = (d * rng.uniform(0.5, 2, d.shape)).astype(np.float16).astype(np.float32)

@@ -432,7 +432,7 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
             for _ in range(resweeps if grid is not None else 0):
                 stored = out.copy()
 
-                def fit_stored(_block_w, c0):
+                def fit_stored(_block_w, c0, stored=stored):
                     data = stored[:, c0 // bsize * codec.type_size:(c0 // bsize + 1) * codec.type_size]
                     value_scale, value_offset = _value_params(codec, fr, data)
                     return (data, value_scale.astype(np.float32), value_offset.astype(np.float32),
