@@ -19,6 +19,7 @@ differ by llama-quantize's few metadata keys (quantize.imatrix.*).
 
 Run: .venv/bin/python bench/methods.py [--model gemma3] [--plans Q4_0,Q4_K_M] [--methods gptq,awq,awq+gptq]
      [--chunks 32] [--referee-chunks 20] [--threads 2]
+     [--gptq-variants "no refit=--no-gptq-refit;damp 0.1%=--gptq-damp 0.001"]
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def main() -> int:
     p.add_argument("--keep-gguf", action="store_true")
     p.add_argument("--methods", default="gptq", help="mixquant methods, each a row per plan (gptq, awq, awq+gptq)")
     p.add_argument("--awq-grid", type=int, default=20, help="quantize --awq-grid for the awq methods")
+    p.add_argument("--gptq-variants", default="", metavar="LABEL=ARGS;...",
+                   help='more gptq rows, each with extra quantize arguments, e.g. "refit=--gptq-refit;'
+                        'damp 0.1%%=--gptq-damp 0.001"')
+    p.add_argument("--variants-only", action="store_true", help="with --gptq-variants: skip the default gptq row")
     args = p.parse_args()
     if args.out is None:
         from mixquant.cache import cache_dir
@@ -117,6 +122,12 @@ def main() -> int:
         log(f"mixquant calibrate with Hessians: {args.chunks} chunks, {time.perf_counter() - start:.0f} s")
     referee = Referee(args, source, eval_text)
     mixquant = [sys.executable, "-m", "mixquant.cli"]
+
+    def quantize_cmd(out: Path, plan: str, method: str, extra: tuple[str, ...] = ()) -> list[str]:
+        awq = ("--awq-grid", str(args.awq_grid)) if "awq" in method else ()
+        return [*mixquant, "quantize", str(folder), str(out), plan, "--imatrix", str(imatrix), "--method", method,
+                "--hessians", str(hessians), "--threads", str(args.threads), *awq, *extra]
+
     rows = []
     for plan in args.plans.split(","):
         files = {"llama.cpp imatrix": args.out / f"{plan}-llama.gguf"}
@@ -124,9 +135,14 @@ def main() -> int:
                                       str(files["llama.cpp imatrix"]), plan, str(args.threads)]}
         for m in args.methods.split(","):
             files[f"mixquant {m}"] = args.out / f"{plan}-{m}.gguf"
-            cmds[f"mixquant {m}"] = [*mixquant, "quantize", str(folder), str(files[f"mixquant {m}"]), plan, "--imatrix",
-                                     str(imatrix), "--method", m, "--hessians", str(hessians), "--threads",
-                                     str(args.threads)] + (["--awq-grid", str(args.awq_grid)] if "awq" in m else [])
+            cmds[f"mixquant {m}"] = quantize_cmd(files[f"mixquant {m}"], plan, m)
+        for variant in filter(None, args.gptq_variants.split(";")):
+            label, _, extra = variant.partition("=")
+            method = f"mixquant gptq {label.strip()}"
+            files[method] = args.out / f"{plan}-gptq-{''.join(c if c.isalnum() else '_' for c in label)}.gguf"
+            cmds[method] = quantize_cmd(files[method], plan, "gptq", tuple(extra.split()))
+        if args.variants_only and args.gptq_variants:
+            cmds.pop("mixquant gptq", None)
         for method, cmd in cmds.items():
             files[method].unlink(missing_ok=True)
             seconds, peak = measured(cmd)
@@ -141,13 +157,13 @@ def main() -> int:
 
     print(f"\nreferee: llama-perplexity --kl-divergence, {args.referee_chunks} chunks of 512 of the evaluation text; "
           f"calibration: {args.chunks} chunks of 512; {args.threads} threads")
-    print(f"{'plan':<8} {'method':<20} {'mean KLD':>9} {'p99 KLD':>8} {'top-1':>7} {'PPL':>8} {'file bytes':>12} "
+    print(f"{'plan':<8} {'method':<26} {'mean KLD':>9} {'p99 KLD':>8} {'top-1':>7} {'PPL':>8} {'file bytes':>12} "
           f"{'time s':>7} {'peak MB':>8} {'KLD change':>10}")
     for r in rows:
         base = next(b for b in rows if b["plan"] == r["plan"] and b["method"] == "llama.cpp imatrix")
         change = "" if r is base else f"{100 * (r['kld_mean'] / base['kld_mean'] - 1):+.1f}%"
         same = "" if r["tensor_bytes"] == base["tensor_bytes"] else " (tensor bytes differ!)"
-        print(f"{r['plan']:<8} {r['method']:<20} {r['kld_mean']:9.5f} {r['kld_p99']:8.4f} {100 * r['top1']:6.2f}% "
+        print(f"{r['plan']:<8} {r['method']:<26} {r['kld_mean']:9.5f} {r['kld_p99']:8.4f} {100 * r['top1']:6.2f}% "
               f"{r['ppl']:8.4f} {r['file_bytes']:12,d} {r['seconds']:7.1f} {r['peak_mb']:8.0f} {change:>10}{same}")
     return 0
 

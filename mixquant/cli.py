@@ -282,9 +282,25 @@ def _awq(args: argparse.Namespace, source, plan, hessians, importance):
         importance = {name: scales.importance(name, v) for name, v in importance.items()}
     quantizer = None
     if args.method == "awq+gptq":
-        quantizer = HessianQuantizer(ScaledHessians(hessians, scales), source.model,
-                                     act_order=args.gptq_order == "act")
+        quantizer = HessianQuantizer(ScaledHessians(hessians, scales), source.model, **_gptq_options(args))
     return ScaledSource(source, scales), importance, quantizer
+
+
+def _gptq_options(args: argparse.Namespace) -> dict[str, Any]:
+    """HessianQuantizer's options from --gptq-order/-refit/-damp/-resweeps (gptq's defaults where not given)."""
+    if args.gptq_damp is not None and not args.gptq_damp >= 0:
+        raise MixquantError(f"--gptq-damp must be a fraction >= 0, got {args.gptq_damp}")
+    options: dict[str, Any] = {"act_order": args.gptq_order == "act"}
+    if args.gptq_refit is not None:  # else gptq's defaults
+        options["refit"] = args.gptq_refit
+    if args.gptq_damp is not None:
+        options["damp"] = args.gptq_damp
+    if args.gptq_resweeps:
+        if args.gptq_resweeps < 0 or args.gptq_refit is False:
+            raise MixquantError(f"--gptq-resweeps takes a count >= 0 and the refit, got {args.gptq_resweeps}"
+                                + (" with --no-gptq-refit" if args.gptq_refit is False else ""))
+        options["resweeps"] = args.gptq_resweeps
+    return options
 
 
 def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
@@ -294,10 +310,10 @@ def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
     from .hessians import Hessians
     from .quantize import HessianQuantizer
 
-    act_order = args.gptq_order == "act"
+    options = _gptq_options(args)
 
     def made(hessians):
-        quantizer = HessianQuantizer(hessians, source.model, act_order=act_order)
+        quantizer = HessianQuantizer(hessians, source.model, **options)
         return (quantizer if args.method == "gptq" else None), hessians
 
     if args.hessians:
@@ -606,6 +622,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq column order: natural (default): left to right, each block fitted when the sweep "
                         "reaches it; act: static groups, every block fitted first, columns by descending input "
                         "energy (lower KLD at Q4_K_M and Q3_K_M with natural, measured)")
+    p.add_argument("--gptq-refit", action=argparse.BooleanOptionalAction,
+                   help="gptq: afterwards refit each block's stored scales (float16 d/dmin, integer sub-block "
+                        "scales and mins) given its codes, where that lowers the Hessian-weighted error "
+                        "(default: on)")
+    p.add_argument("--gptq-resweeps", type=int, default=0, metavar="N",
+                   help="gptq with the refit: N more sweeps with the refitted scales frozen, each refitted "
+                        "again, a row kept where its error went down (default 0)")
+    p.add_argument("--gptq-damp", type=float, metavar="FRACTION",
+                   help="gptq: damping added to H's diagonal, as a fraction of its mean (default 0.01)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
     p.add_argument("--imatrix", help="importance matrix (llama-imatrix .gguf or legacy .dat)")

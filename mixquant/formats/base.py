@@ -122,6 +122,7 @@ class FrozenRounding:
     values: the value of code c is (per weight) scale_c * values[c] + offset_c; `probe` names two
         codes whose decoded values give scale_c and offset_c.
     row_context: what the fit needs from the whole row (the legacy formats' sigma2), or None.
+    scales: the block's stored parameters, to refit them given the codes (`BlockScales`).
     """
 
     family: int
@@ -131,3 +132,39 @@ class FrozenRounding:
     values: np.ndarray
     probe: tuple[int, int]
     row_context: Callable[[np.ndarray], np.ndarray] | None = None
+    scales: "BlockScales | None" = None
+
+
+# (rows, type_size) uint8 -> d, dmin (rows,) float32; sc, m (rows, sub-blocks) int64
+ReadScales = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+# (data, d, dmin, sc, m) -> data with those parameters stored (the codes untouched)
+WriteScales = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BlockScales:
+    """A block's stored parameters, as the decoder uses them: the weight with code c in sub-block k
+    decodes to f32(f32(f32(d * sc_k) * values[c]) + min_sign * f32(dmin * m_k)) (the last term only
+    where `min_range` is set), with d and dmin float16 and sc_k, m_k integers in their ranges.
+
+    Formats without sub-block scales have one sub-block of the whole block and sc = m = 1 (range
+    (1, 1)); Q4_1/Q5_1's float16 min is dmin (min_sign +1), the k-quants' mins are subtracted.
+    read/write: those parameters from/into the bytes of one block column (rows, type_size).
+    """
+
+    sub_block: int
+    scale_range: tuple[int, int]
+    min_range: tuple[int, int] | None
+    min_sign: float
+    read: ReadScales
+    write: WriteScales
+
+
+def fp16_at(data: np.ndarray, offset: int) -> np.ndarray:
+    """The float16 at byte `offset` of each row of `data` (rows, n) uint8, as float32."""
+    return np.ascontiguousarray(data[:, offset:offset + 2]).view(np.float16)[:, 0].astype(np.float32)
+
+
+def put_fp16_at(data: np.ndarray, offset: int, values: np.ndarray) -> None:
+    """Store float16 `values` (rows,) (exactly representable) at byte `offset` of each row."""
+    data[:, offset:offset + 2] = np.asarray(values, dtype=np.float16).reshape(-1, 1).view(np.uint8)

@@ -14,7 +14,7 @@ qs packs sub-block element j in the low nibble and element j+16 in the high nibb
 import numpy as np
 from numba import njit
 
-from .base import Codec, CodeLayout, FrozenRounding, register
+from .base import BlockScales, Codec, CodeLayout, FrozenRounding, fp16_at, put_fp16_at, register
 from .common import get_fp16, nearest_int, put_fp16
 
 F32 = np.float32
@@ -228,8 +228,35 @@ def _frozen_rounding(sbs: int, type_size: int) -> FrozenRounding:
         scale = np.repeat(frozen, 32, axis=1)
         return out, scale, np.zeros_like(scale)
 
+    if sbs == QK4_NL:
+        def read(data):
+            ones = np.ones((len(data), 1), dtype=np.int64)
+            return fp16_at(data, 0), np.zeros(len(data), np.float32), ones, ones
+
+        def write(data, d, _dmin, _sc, _m):
+            out = data.copy()
+            put_fp16_at(out, 0, d)
+            return out
+    else:  # IQ4_XS: 6-bit ls - 32 per 32 weights, low nibbles in scales_l[4] @4, high 2 bits in scales_h @2
+        def read(data):
+            high = data[:, 2].astype(np.int64) | (data[:, 3].astype(np.int64) << 8)
+            ib = np.arange(8)
+            low = (data[:, 4 + ib // 2].astype(np.int64) >> (4 * (ib % 2))) & 0xF
+            sc = (low | (((high[:, None] >> (2 * ib)) & 3) << 4)) - 32
+            return fp16_at(data, 0), np.zeros(len(data), np.float32), sc, np.ones_like(sc)
+
+        def write(data, d, _dmin, sc, _m):
+            out = data.copy()
+            ls = sc + 32
+            high = np.bitwise_or.reduce((ls >> 4) << (2 * np.arange(8)), axis=1)
+            out[:, 2], out[:, 3] = high & 0xFF, high >> 8
+            out[:, 4:8] = (ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)
+            put_fp16_at(out, 0, d)
+            return out
+
+    scales = BlockScales(32, (1, 1) if sbs == QK4_NL else (-32, 31), None, 1.0, read, write)
     return FrozenRounding(family=2, params=np.zeros(1, dtype=np.int64), fit=fit, layout=layout,
-                          values=KVALUES_IQ4NL.astype(np.float64), probe=(8, 9))
+                          values=KVALUES_IQ4NL.astype(np.float64), probe=(8, 9), scales=scales)
 
 
 def _make_codec(name: str, sbs: int) -> Codec:

@@ -19,7 +19,7 @@ Block layouts (byte offsets inside one block, from ggml-common.h):
 import numpy as np
 from numba import njit
 
-from .base import Codec, CodeLayout, FrozenRounding, register
+from .base import BlockScales, Codec, CodeLayout, FrozenRounding, fp16_at, put_fp16_at, register
 from .common import get_fp16, nearest_int, put_fp16
 from .search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qkx3_quants, make_qp_quants, make_qx_quants
 
@@ -717,6 +717,89 @@ _REQUANT = {"Q2_K": ((0, 3, 0), (Q2K_DMIN, Q2K_DMIN + 1)), "Q3_K": ((-4, 3, 4), 
             "Q6_K": ((-32, 31, 32), ())}
 
 
+@_kernel
+def _read_k4(data, sc, m):
+    for r in range(data.shape[0]):
+        for j in range(QK_K // 32):
+            sc[r, j], m[r, j] = get_scale_min_k4(j, data[r], Q4K_SCALES)
+
+
+@_kernel
+def _write_k4(data, sc, m):
+    for r in range(data.shape[0]):
+        put_scale_min_k4(sc[r], m[r], data[r], Q4K_SCALES)
+
+
+@_kernel
+def _read_q3(data, sc):
+    for r in range(data.shape[0]):
+        for j in range(QK_K // 16):
+            sc[r, j] = get_q3_scale(j, data[r], Q3K_SCALES)
+
+
+@_kernel
+def _write_q3(data, sc):
+    for r in range(data.shape[0]):
+        put_q3_scales(sc[r] + 32, data[r], Q3K_SCALES)
+
+
+def _block_scales(name: str) -> BlockScales:
+    """Each k-quant's d, dmin and sub-block scales and mins where ggml-common.h puts them."""
+    if name == "Q2_K":
+        def read(data):
+            s = data[:, Q2K_SCALES:Q2K_SCALES + 16].astype(np.int64)
+            return fp16_at(data, Q2K_D), fp16_at(data, Q2K_DMIN), s & 0xF, s >> 4
+
+        def write(data, d, dmin, sc, m):
+            out = data.copy()
+            out[:, Q2K_SCALES:Q2K_SCALES + 16] = (sc | (m << 4)).astype(np.uint8)
+            put_fp16_at(out, Q2K_D, d)
+            put_fp16_at(out, Q2K_DMIN, dmin)
+            return out
+
+        return BlockScales(16, (0, 15), (0, 15), -1.0, read, write)
+    if name == "Q3_K":
+        def read(data):
+            sc = np.empty((data.shape[0], 16), dtype=np.int64)
+            _read_q3(np.ascontiguousarray(data), sc)
+            return fp16_at(data, Q3K_D), np.zeros(len(data), np.float32), sc, np.zeros_like(sc)
+
+        def write(data, d, _dmin, sc, _m):
+            out = np.ascontiguousarray(data).copy()
+            _write_q3(out, np.ascontiguousarray(sc, dtype=np.int64))
+            put_fp16_at(out, Q3K_D, d)
+            return out
+
+        return BlockScales(16, (-32, 31), None, -1.0, read, write)
+    if name in ("Q4_K", "Q5_K"):
+        def read(data):
+            sc = np.empty((data.shape[0], 8), dtype=np.int64)
+            m = np.empty_like(sc)
+            _read_k4(np.ascontiguousarray(data), sc, m)
+            return fp16_at(data, Q4K_D), fp16_at(data, Q4K_DMIN), sc, m
+
+        def write(data, d, dmin, sc, m):
+            out = np.ascontiguousarray(data).copy()
+            _write_k4(out, np.ascontiguousarray(sc, dtype=np.int64), np.ascontiguousarray(m, dtype=np.int64))
+            put_fp16_at(out, Q4K_D, d)
+            put_fp16_at(out, Q4K_DMIN, dmin)
+            return out
+
+        return BlockScales(32, (0, 63), (0, 63), -1.0, read, write)
+
+    def read(data):  # Q6_K: int8 scales
+        sc = data[:, Q6K_SCALES:Q6K_SCALES + 16].view(np.int8).astype(np.int64)
+        return fp16_at(data, Q6K_D), np.zeros(len(data), np.float32), sc, np.zeros_like(sc)
+
+    def write(data, d, _dmin, sc, _m):
+        out = data.copy()
+        out[:, Q6K_SCALES:Q6K_SCALES + 16] = sc.astype(np.int8).view(np.uint8)
+        put_fp16_at(out, Q6K_D, d)
+        return out
+
+    return BlockScales(16, (-128, 127), None, -1.0, read, write)
+
+
 def _frozen_rounding(name: str, quantize_rows, dequantize_rows) -> FrozenRounding:
     (lo, hi, shift), dmin_bytes = _REQUANT[name]
     layout = _layout(name)
@@ -736,7 +819,7 @@ def _frozen_rounding(name: str, quantize_rows, dequantize_rows) -> FrozenRoundin
         return data, scale, offset
 
     return FrozenRounding(family=1, params=np.array([lo, hi, shift], dtype=np.int64), fit=fit, layout=layout,
-                          values=values, probe=(zero, one))
+                          values=values, probe=(zero, one), scales=_block_scales(name))
 
 
 def _codec(name: str, type_size: int, quantize_kernel, dequantize_kernel) -> Codec:

@@ -22,7 +22,7 @@ so that even blocks of subnormal values (where 1/d overflows to inf) match ggml 
 import numpy as np
 from numba import njit
 
-from .base import Codec, CodeLayout, FrozenRounding, register
+from .base import BlockScales, Codec, CodeLayout, FrozenRounding, fp16_at, put_fp16_at, register
 from .common import f32_to_bits, get_fp16, nearest_int, put_fp16
 from .search import make_qkx3_quants, make_qx_quants
 
@@ -337,10 +337,23 @@ def _codec(name: str, bits: int, has_min: bool) -> Codec:
     values = (codes.astype(np.uint8).view(np.int8) if bits == 8 else codes - (0 if has_min else 1 << (bits - 1)))
     probe = (0, 1) if bits == 8 or has_min else (1 << (bits - 1), (1 << (bits - 1)) + 1)
 
+    def read_scales(data: np.ndarray):  # d @0 and (with min) m @2, no sub-block scales
+        ones = np.ones((len(data), 1), dtype=np.int64)
+        return fp16_at(data, 0), fp16_at(data, 2) if has_min else np.zeros(len(data), np.float32), ones, ones
+
+    def write_scales(data: np.ndarray, d, dmin, _sc, _m):
+        out = data.copy()
+        put_fp16_at(out, 0, d)
+        if has_min:
+            put_fp16_at(out, 2, dmin)
+        return out
+
+    scales = BlockScales(QK, (1, 1), (1, 1) if has_min else None, 1.0, read_scales, write_scales)
+
     def frozen_rounding(importance_used: bool) -> FrozenRounding:
         return FrozenRounding(family=0, params=np.array([bits, has_min, importance_used], dtype=np.int64), fit=fit,
                               layout=_layout(bits, has_min), values=values.astype(np.float64), probe=probe,
-                              row_context=row_sigma2)
+                              row_context=row_sigma2, scales=scales)
 
     quantize_rows.__qualname__ = f"quantize_rows[{name}]"
     dequantize_rows.__qualname__ = f"dequantize_rows[{name}]"

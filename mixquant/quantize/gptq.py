@@ -12,8 +12,12 @@ order GPTQ sweeps them in) and H = sum x x^T of its input:
    would pass it), freeze them, then round the block column by column with ggml's own final
    rounding step, each column's error e = (w - q) / U_jj moving the columns after it by -e U_j,.
 
+4. optionally (`refit`), with the codes fixed, refit each block's stored parameters (float16 d and
+   dmin, integer sub-block scales and mins: the format's `BlockScales`) where that lowers
+   tr(dW H dW^T), block by block with the gradient H dW of every other block's current error.
+
 With a diagonal H no error moves anything, so the bytes are exactly round-to-nearest's
-(`formats.quantize`); tests/test_gptq.py checks this for every format.
+(`formats.quantize`) without the refit; tests/test_gptq.py checks this for every format.
 
 The per-column work runs in numba over all rows; Python only loops over blocks.
 """
@@ -33,6 +37,7 @@ from ..formats.base import Codec
 
 METHODS = ("rtn", "gptq")
 DEFAULT_DAMP = 0.01
+DEFAULT_REFIT = True  # measured: lower mean and p99 KLD at Q3_K_M, Q2_K (README)
 _LAZY_COLUMNS = 128  # columns per lazy batch (rounded up to whole blocks)
 
 
@@ -56,10 +61,9 @@ def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("ij,ij->", d @ h, d))
 
 
-def inverse_hessian_factor(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
-    """Upper Cholesky factor U of (H + damping)^-1, U^T U = H^-1 (float64), dead columns set to 1."""
-    import torch
-
+def dampened(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """A float64 copy of H with `damp` x its mean live diagonal added to the diagonal and dead
+    columns (H_ii = 0) given a unit diagonal: the matrix the sweep and the refit minimise with."""
     h = np.array(h, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise MixquantError(f"Hessian must be square, got shape {h.shape}")
@@ -72,6 +76,14 @@ def inverse_hessian_factor(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndar
     h[dead, dead] = 1.0
     live = diag[~dead]
     h[np.diag_indices_from(h)] += damp * (live.mean() if live.size else 1.0)
+    return h
+
+
+def inverse_hessian_factor(h: np.ndarray, damp: float = DEFAULT_DAMP, *, is_dampened: bool = False) -> np.ndarray:
+    """Upper Cholesky factor U of (H + damping)^-1, U^T U = H^-1 (float64), dead columns set to 1."""
+    import torch
+
+    h = h if is_dampened else dampened(h, damp)
     # With J the order-reversing permutation and J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J) and
     # J L^-1 J is upper triangular with a positive diagonal: it is U, for one factorisation and one
     # triangular inverse (a third of cholesky + cholesky_inverse + cholesky).
@@ -119,6 +131,194 @@ def _sweep_block(w, err, u, b0, scale, offset, fit_codes, family, params, value_
                     w[r, k] -= d
 
 
+# ---------------------------------------------------------------------------------------------
+# the refit: with the codes fixed, each block's stored parameters moved where they lower
+# tr(dW H dW^T), block by block (Gauss-Seidel), every change checked with the values as decoded
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _decoded(d, sc, dmin, m, min_sign, has_min, value):
+    """The decoder's float32 value of one weight (`BlockScales`), in its order of operations."""
+    y = np.float32(np.float32(d * np.float32(sc)) * np.float32(value))
+    if has_min:
+        y = np.float32(y + np.float32(min_sign) * np.float32(dmin * np.float32(m)))
+    return y
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _block_values(d, dmin, sc, m, codes, values, sub, has_min, min_sign, out):
+    rows, block = codes.shape
+    for r in range(rows):
+        for j in range(block):
+            k = j // sub
+            out[r, j] = _decoded(d[r], sc[r, k], dmin[r], m[r, k], min_sign, has_min, values[codes[r, j]])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _refit_sub_blocks(v, g, h, codes, values, d, dmin, sc, m, sub, scale_range, min_range, has_min, min_sign):
+    """Per row and sub-block k: try the integer scale (then min) nearest the least-squares optimum
+    given everything else and its two neighbours; keep the best that lowers the error.
+
+    v (rows, block): the decoded values; g = H_B,: dw (rows, block), the error's gradient in the
+    block's values (up to -2); changing v_k by dv changes the error by -2 dv.g_k + dv H_kk dv,
+    computed with the decoded values of the candidate. v, g, sc, m are updated in place."""
+    rows, block = v.shape
+    dv = np.empty(sub)
+    u = np.empty(sub)
+    for r in range(rows):
+        for k in range(block // sub):
+            j0 = k * sub
+            for which in range(2):
+                lo, hi = (scale_range[0], scale_range[1]) if which == 0 else (min_range[0], min_range[1])
+                if lo == hi or (which == 1 and not has_min):
+                    continue
+                ints = sc if which == 0 else m
+                for i in range(sub):  # the change of each value per unit of the integer
+                    u[i] = np.float64(d[r]) * values[codes[r, j0 + i]] if which == 0 else min_sign * np.float64(dmin[r])
+                num = 0.0
+                den = 0.0
+                for i in range(sub):
+                    num += u[i] * g[r, j0 + i]
+                    t = 0.0
+                    for l in range(sub):
+                        t += h[j0 + i, j0 + l] * u[l]
+                    den += u[i] * t
+                if not den > 0.0:
+                    continue
+                current = ints[r, k]
+                step = num / den
+                if not abs(step) < 1e6:
+                    continue
+                nearest = current + np.int64(np.round(step))
+                best_gain = 0.0
+                best = current
+                for cand in (nearest, current - 1, current + 1):
+                    cand = min(hi, max(lo, cand))
+                    if cand == current:
+                        continue
+                    ints[r, k] = cand
+                    for i in range(sub):
+                        dv[i] = _decoded(d[r], sc[r, k], dmin[r], m[r, k], min_sign, has_min,
+                                         values[codes[r, j0 + i]]) - v[r, j0 + i]
+                    change = 0.0
+                    for i in range(sub):
+                        t = 0.0
+                        for l in range(sub):
+                            t += h[j0 + i, j0 + l] * dv[l]
+                        change += dv[i] * (t - 2.0 * g[r, j0 + i])
+                    if change < best_gain:
+                        best_gain = change
+                        best = cand
+                ints[r, k] = best
+                if best == current:
+                    continue
+                for i in range(sub):
+                    dv[i] = _decoded(d[r], sc[r, k], dmin[r], m[r, k], min_sign, has_min,
+                                     values[codes[r, j0 + i]]) - v[r, j0 + i]
+                    v[r, j0 + i] += dv[i]
+                for i in range(block):
+                    t = 0.0
+                    for l in range(sub):
+                        t += h[i, j0 + l] * dv[l]
+                    g[r, i] -= t
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b in float64 by torch on the calling thread (numpy's BLAS threads spin on a loaded machine)."""
+    import torch
+
+    return (torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.ascontiguousarray(b))).numpy()
+
+
+def _refit_super_scales(v, g, h, codes, values, d, dmin, sc, m, bs) -> None:
+    """All rows at once: the float16 d (and dmin) nearest the least-squares optimum given the codes
+    and the integer sub-block scales, kept in the rows where it lowers the error. In place."""
+    sub, has_min = bs.sub_block, bs.min_range is not None
+    per_weight = np.repeat(np.arange(sc.shape[1]), sub)
+    a = sc[:, per_weight].astype(np.float64) * values[codes]  # dv per unit of d
+    ha = _matmul(a, h)
+    aa, ag = np.einsum("ij,ij->i", ha, a), np.einsum("ij,ij->i", a, g)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if has_min:
+            b = bs.min_sign * m[:, per_weight].astype(np.float64)  # dv per unit of dmin
+            hb = _matmul(b, h)
+            ab, bb, bg = np.einsum("ij,ij->i", ha, b), np.einsum("ij,ij->i", hb, b), np.einsum("ij,ij->i", b, g)
+            det = aa * bb - ab * ab
+            joint = det > 1e-9 * aa * bb
+            step_d = np.where(joint, (bb * ag - ab * bg) / det, ag / aa)
+            step_m = np.where(joint, (aa * bg - ab * ag) / det, 0.0)
+        else:
+            step_d, step_m = ag / aa, np.zeros_like(ag)
+        new_d = (d + step_d).astype(np.float16).astype(np.float32)
+        new_dmin = (dmin + step_m).astype(np.float16).astype(np.float32) if has_min else dmin
+    ok = np.isfinite(new_d) & np.isfinite(new_dmin)
+    new_d, new_dmin = np.where(ok, new_d, d), np.where(ok, new_dmin, dmin)
+    new_v = np.empty_like(v)
+    _block_values(new_d, new_dmin, sc, m, codes, values, sub, has_min, bs.min_sign, new_v)
+    dv = new_v - v
+    hdv = _matmul(dv, h)
+    keep = np.einsum("ij,ij->i", dv, hdv - 2 * g) < 0
+    d[keep], dmin[keep], v[keep] = new_d[keep], new_dmin[keep], new_v[keep]
+    g[keep] -= hdv[keep]
+
+
+def refit_scales(w: np.ndarray, data: np.ndarray, codec: Codec, fr, h: np.ndarray, rounds: int = 2) -> np.ndarray:
+    """`data` (rows, row_bytes) with each block's stored parameters refitted given its codes:
+    block by block, the float16 d (and dmin) by least squares, then each integer sub-block scale
+    and min to the best of the one nearest its least-squares optimum and its two neighbours;
+    `rounds` times where there are sub-block scales (a second round lowers the error by another
+    0.2 to 1% there, measured on real tensors; without them a second least-squares step changes
+    nothing). A change is kept only where it lowers tr(dW H dW^T) as the decoder's values give it
+    (float64 sums), so per row the error never goes up. The codes are unchanged."""
+    import torch
+
+    bs = fr.scales
+    if bs.scale_range[0] == bs.scale_range[1] and (bs.min_range is None or bs.min_range[0] == bs.min_range[1]):
+        rounds = 1
+    size, tsize = codec.block_size, codec.type_size
+    values = fr.values.astype(np.float32).astype(np.float64)
+    scale_range = np.array(bs.scale_range, dtype=np.int64)
+    min_range = np.array(bs.min_range or (0, 0), dtype=np.int64)
+    out = data.copy()
+    dw = w.astype(np.float64) - codec.dequantize_rows(out)
+    with _torch_threads(1):
+        for c0 in range(0, w.shape[1], size):
+            nb = c0 // size * tsize
+            block = out[:, nb:nb + tsize]
+            g = (torch.from_numpy(dw) @ torch.from_numpy(h[:, c0:c0 + size])).numpy()  # H dw of each row, here
+            h_block = np.ascontiguousarray(h[c0:c0 + size, c0:c0 + size])
+            d, dmin, sc, m = bs.read(block)
+            codes = fr.layout.unpack(block)
+            v = np.empty(codes.shape)
+            _block_values(d, dmin, sc, m, codes, values, bs.sub_block, bs.min_range is not None, bs.min_sign, v)
+            for _ in range(rounds):
+                _refit_super_scales(v, g, h_block, codes, values, d, dmin, sc, m, bs)
+                _refit_sub_blocks(v, g, h_block, codes, values, d, dmin, sc, m, bs.sub_block, scale_range,
+                                  min_range, bs.min_range is not None, bs.min_sign)
+            out[:, nb:nb + tsize] = bs.write(block, d, dmin, sc, m)
+            dw[:, c0:c0 + size] = w[:, c0:c0 + size] - v
+    return out
+
+
+def _row_errors(w: np.ndarray, data: np.ndarray, codec: Codec, h: np.ndarray) -> np.ndarray:
+    """(W - Q) H (W - Q)^T's diagonal: each row's error, rows being independent."""
+    import torch
+
+    dw = w.astype(np.float64) - codec.dequantize_rows(data)
+    with _torch_threads(1):
+        return np.einsum("ij,ij->i", (torch.from_numpy(dw) @ torch.from_numpy(h)).numpy(), dw)
+
+
+def _uniform_grid(fr) -> np.ndarray | None:
+    """(lo, hi, shift) for the k-quants' rounding (`kquants.frozen_code`) where the code values are
+    the consecutive integers lo .. hi (code = value + shift), else None (Q8_0's int8 bytes, IQ4)."""
+    lo, hi = int(fr.values[0]), int(fr.values[-1])
+    if not np.array_equal(fr.values, np.arange(lo, hi + 1)):
+        return None
+    return np.array([lo, hi, -lo], dtype=np.int64)
+
+
 def _value_params(codec: Codec, fr, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per weight (scale, offset) with value(code) = scale * values[code] + offset, from the decoder."""
     c0, c1 = fr.probe
@@ -132,21 +332,25 @@ def _value_params(codec: Codec, fr, data: np.ndarray) -> tuple[np.ndarray, np.nd
 @dataclass(frozen=True)
 class Factor:
     """What the sweep needs of H: the column order (None: natural; act-order: by descending
-    diag(H)) and U, the upper Cholesky factor of the dampened H^-1 in that order."""
+    diag(H)) and U, the upper Cholesky factor of the dampened H^-1 in that order; and what the
+    refit needs: the dampened H itself (natural order)."""
 
     u: np.ndarray
     order: np.ndarray | None = None
+    h: np.ndarray | None = None
 
 
 def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -> Factor:
+    hd = dampened(h, damp)
     if not act_order:
-        return Factor(inverse_hessian_factor(h, damp))
+        return Factor(inverse_hessian_factor(hd, is_dampened=True), None, hd)
     order = np.argsort(-np.diagonal(np.asarray(h)), kind="stable")
-    return Factor(inverse_hessian_factor(np.asarray(h)[np.ix_(order, order)], damp), order)
+    return Factor(inverse_hessian_factor(hd[np.ix_(order, order)], is_dampened=True), order, hd)
 
 
 def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importance: np.ndarray | None = None,
-             *, damp: float = DEFAULT_DAMP, act_order: bool = False, prepared: Factor | None = None) -> bytes:
+             *, damp: float = DEFAULT_DAMP, act_order: bool = False, prepared: Factor | None = None,
+             refit: bool = DEFAULT_REFIT, resweeps: int = 0) -> bytes:
     """The GGUF bytes of the (rows, cols) float32 matrix `w` in `type_name`, rounded with GPTQ's
     error feedback through H (cols, cols), the sum of x x^T of the input `w` multiplies.
 
@@ -154,7 +358,10 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
     unchanged. `importance` is the imatrix vector, used by ggml's scale search as llama-quantize
     uses it. act_order: static groups (every block fitted on the original weights first, then the
     columns swept by descending diag(H); GGUF has no column index, so codes go back in place).
-    `prepared`: `factor(H, damp, act_order)` computed already (instead of H).
+    `prepared`: `factor(H, damp, act_order)` computed already (instead of H). refit: afterwards,
+    each block's stored scales refitted given its codes (`refit_scales`). resweeps (with refit, in
+    natural order, formats whose codes are consecutive integers): that many more sweeps with the
+    refitted parameters frozen, each refitted again, a row kept only where its error went down.
     """
     import torch
 
@@ -195,37 +402,68 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
                 dst[:, c0:c0 + bsize] = src
         work = np.ascontiguousarray(w[:, fac.order], dtype=np.float64)
         codes = np.empty((rows, cols), dtype=np.int16)  # in place (natural column order)
+        sweep_natural = None
     else:
-        work = w.astype(np.float64)
-        codes = np.empty((rows, bsize), dtype=np.int64)
+        def sweep_natural(fit, family, params):
+            """The natural-order sweep, each block's parameters from fit(block weights, c0); into out."""
+            work = w.astype(np.float64)
+            codes = np.empty((rows, bsize), dtype=np.int64)
+            for i1 in range(0, cols, lazy):
+                i2 = min(cols, i1 + lazy)
+                batch = np.ascontiguousarray(work[:, i1:i2])
+                err = np.zeros_like(batch)
+                u1 = np.ascontiguousarray(u[i1:i2, i1:i2])
+                for b0 in range(0, i2 - i1, bsize):
+                    c0 = i1 + b0
+                    data, scale, offset, fit_codes, value_scale, value_offset = fit(batch[:, b0:b0 + bsize], c0)
+                    _sweep_block(batch, err, u1, b0, scale, offset, fit_codes, family, params,
+                                 value_scale, value_offset, fr.values, codes)
+                    nb = c0 // bsize * codec.type_size
+                    out[:, nb:nb + codec.type_size] = fr.layout.pack(codes, data)
+                if i2 < cols:
+                    with _torch_threads(1):
+                        delta = (torch.from_numpy(err) @ torch.from_numpy(u[i1:i2, i2:])).numpy()
+                    work[:, i2:] -= delta
+
+        sweep_natural(fit, fr.family, fr.params)
+        if refit:
+            out = refit_scales(w, out, codec, fr, fac.h)
+            grid = _uniform_grid(fr)
+            for _ in range(resweeps if grid is not None else 0):
+                stored = out.copy()
+
+                def fit_stored(_block_w, c0, stored=stored):
+                    data = stored[:, c0 // bsize * codec.type_size:(c0 // bsize + 1) * codec.type_size]
+                    value_scale, value_offset = _value_params(codec, fr, data)
+                    return (data, value_scale.astype(np.float32), value_offset.astype(np.float32),
+                            fr.layout.unpack(data), value_scale, value_offset)
+
+                sweep_natural(fit_stored, 1, grid)
+                out = refit_scales(w, out, codec, fr, fac.h)
+                better = _row_errors(w, out, codec, fac.h) < _row_errors(w, stored, codec, fac.h)
+                out[~better] = stored[~better]  # alternating is not monotone: per row, keep the lower error
+        return out.tobytes()
     for i1 in range(0, cols, lazy):
         i2 = min(cols, i1 + lazy)
         batch = np.ascontiguousarray(work[:, i1:i2])
         err = np.zeros_like(batch)
         u1 = np.ascontiguousarray(u[i1:i2, i1:i2])
-        if fac.order is not None:
-            cols_here = fac.order[i1:i2]
-            scale, offset, fit_codes, value_scale, value_offset = (a[:, cols_here] for a in per_col)
-            part = np.empty((rows, i2 - i1), dtype=np.int64)
-            _sweep_block(batch, err, u1, 0, scale, offset, fit_codes, fr.family, fr.params, value_scale,
-                         value_offset, fr.values, part)
-            codes[:, cols_here] = part
-        else:
-            for b0 in range(0, i2 - i1, bsize):
-                c0 = i1 + b0
-                data, scale, offset, fit_codes, value_scale, value_offset = fit(batch[:, b0:b0 + bsize], c0)
-                _sweep_block(batch, err, u1, b0, scale, offset, fit_codes, fr.family, fr.params,
-                             value_scale, value_offset, fr.values, codes)
-                nb = c0 // bsize * codec.type_size
-                out[:, nb:nb + codec.type_size] = fr.layout.pack(codes, data)
+        cols_here = fac.order[i1:i2]
+        scale, offset, fit_codes, value_scale, value_offset = (a[:, cols_here] for a in per_col)
+        part = np.empty((rows, i2 - i1), dtype=np.int64)
+        _sweep_block(batch, err, u1, 0, scale, offset, fit_codes, fr.family, fr.params, value_scale,
+                     value_offset, fr.values, part)
+        codes[:, cols_here] = part
         if i2 < cols:
             with _torch_threads(1):
                 delta = (torch.from_numpy(err) @ torch.from_numpy(u[i1:i2, i2:])).numpy()
             work[:, i2:] -= delta
-    if fac.order is not None:
-        for b, c0 in enumerate(range(0, cols, bsize)):
-            nb = b * codec.type_size
-            out[:, nb:nb + codec.type_size] = fr.layout.pack(codes[:, c0:c0 + bsize], datas[b])
+    for b, c0 in enumerate(range(0, cols, bsize)):
+        nb = b * codec.type_size
+        out[:, nb:nb + codec.type_size] = fr.layout.pack(codes[:, c0:c0 + bsize], datas[b])
+    if refit:
+        del work, batch, err  # the sweep's float64 copies, before the refit makes its own
+        out = refit_scales(w, out, codec, fr, fac.h)
     return out.tobytes()
 
 
@@ -235,13 +473,16 @@ class HessianQuantizer:
     inputs the Hessians leave out). The factor of H^-1 is computed once per input (q/k/v share it).
     """
 
-    def __init__(self, hessians, model, damp: float = DEFAULT_DAMP, act_order: bool = False):
+    def __init__(self, hessians, model, damp: float = DEFAULT_DAMP, act_order: bool = False,
+                 refit: bool = DEFAULT_REFIT, resweeps: int = 0):
         from ..calibrate import input_of
         from ..hessians import model_shape
 
         self.hessians = hessians
         self.damp = damp
         self.act_order = act_order
+        self.refit = refit
+        self.resweeps = resweeps
         hessians.check_model(model_shape(model), str(hessians.path or "Hessians"))
         self._key = {t.name: input_of(t.name, tied_output=bool(model.tied_output)) for t in model.tensors}
         for t in model.tensors:  # refuse Hessians of another shape before any work
@@ -261,4 +502,5 @@ class HessianQuantizer:
             self._factors.clear()  # tensors come block by block: keep only the current input's factor
             self._factors[key] = factor(self.hessians.matrix(key), self.damp, self.act_order)
         self.gptq_tensors += 1
-        return quantize(w, type_name, importance=importance, prepared=self._factors[key])
+        return quantize(w, type_name, importance=importance, prepared=self._factors[key], refit=self.refit,
+                        resweeps=self.resweeps)
