@@ -176,3 +176,15 @@ def test_resweeps_never_raise_a_rows_error(type_name):
         assert np.array_equal(errors[0], errors[1])
     else:
         assert errors[1].sum() < errors[0].sum()
+
+
+@pytest.mark.parametrize("type_name, act_order", [("Q4_K", False), ("Q4_0", True), ("IQ4_NL", False)])
+def test_row_slices_give_the_whole_tensors_bytes(type_name, act_order, monkeypatch):
+    """A large tensor is rounded a slice of rows at a time (bounded float64 copies): rows are
+    independent under GPTQ, so the bytes are the whole tensor's, refit and act-order included."""
+    import mixquant.quantize.gptq as gptq
+
+    w, h, imp = _correlated(24)
+    whole = quantize(w, type_name, h, imp, act_order=act_order)
+    monkeypatch.setattr(gptq, "_SLICE_VALUES", 5 * w.shape[1])  # slices of 5 rows, the last one 4
+    assert quantize(w, type_name, h, imp, act_order=act_order) == whole

@@ -348,6 +348,11 @@ def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -
     return Factor(inverse_hessian_factor(hd[np.ix_(order, order)], is_dampened=True), order, hd)
 
 
+# rows x cols values above which a tensor is rounded a slice of rows at a time: the sweep and the
+# refit each hold float64 copies of what they round (about 4 x 8 bytes a value)
+_SLICE_VALUES = 1 << 23
+
+
 def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importance: np.ndarray | None = None,
              *, damp: float = DEFAULT_DAMP, act_order: bool = False, prepared: Factor | None = None,
              refit: bool = DEFAULT_REFIT, resweeps: int = 0) -> bytes:
@@ -373,6 +378,11 @@ def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importa
     shape = np.shape(H) if prepared is None else prepared.u.shape
     if shape != (cols, cols):
         raise MixquantError(f"Hessian of shape {shape} does not fit a tensor with {cols} columns")
+    step = max(1, _SLICE_VALUES // cols)
+    if rows > step:  # rows are rounded independently: slices bound the float64 copies (a large vocabulary)
+        fac = factor(H, damp, act_order) if prepared is None else prepared
+        return b"".join(quantize(w[r:r + step], codec.name, importance=importance, prepared=fac, refit=refit,
+                                 resweeps=resweeps) for r in range(0, rows, step))
     used = codec.uses_importance and importance is not None
     imp = formats._check_importance(importance, cols, rows) if used else None
     if imp is not None and imp.shape[0] != 1:  # one H serves one matrix, not a stack of experts
