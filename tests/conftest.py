@@ -137,3 +137,26 @@ def gguf_file_bytes(w, path) -> bytes:
     w.write_tensors_to_file()
     w.close()
     return path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def tiny_calibrated(tmp_path_factory) -> dict:
+    """The tiny tied llama (2,000 words of text, seed 1) with its imatrix and Hessians from
+    `mixquant imatrix --hessians` (64-token windows): the inputs of the GPTQ and AWQ tests."""
+    from mixquant.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_calibrated")
+    model, text = tiny_model_and_text(root, 2000, seed=1)
+    hess, imatrix = root / "hessians.safetensors", root / "imatrix.gguf"
+    assert main(["imatrix", str(model), "--text", str(text), "--ctx", "64", "-o", str(imatrix),
+                 "--hessians", str(hess)]) == 0
+    return {"model": model, "text": text, "hessians": hess, "imatrix": imatrix}
+
+
+def run_quantize(capsys, *args) -> tuple[int, str]:
+    """`mixquant quantize ARGS`: (exit status, what it wrote to stderr)."""
+    from mixquant.cli import main
+
+    rc = main(["quantize", *map(str, args)])
+    return rc, capsys.readouterr().err
+

@@ -13,22 +13,16 @@ import torch
 from gguf import GGUFReader
 
 from mixquant import formats
-from mixquant.cli import main
 from mixquant.hessians import Hessians
 from mixquant.quantize.awq import AwqScales, ScaledSource, search_scales
 from mixquant.source import open_source
 
+from conftest import run_quantize as run
+
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    from conftest import tiny_model_and_text
-
-    root = tmp_path_factory.mktemp("tiny_awq")
-    model, text = tiny_model_and_text(root, 2000, seed=1)
-    hess, imatrix = root / "hessians.safetensors", root / "imatrix.gguf"
-    assert main(["imatrix", str(model), "--text", str(text), "--ctx", "64", "-o", str(imatrix),
-                 "--hessians", str(hess)]) == 0
-    return {"model": model, "text": text, "hessians": hess, "imatrix": imatrix}
+def tiny(tiny_calibrated) -> dict[str, Path]:
+    return tiny_calibrated
 
 
 def random_scales(src, seed: int = 0) -> AwqScales:
@@ -90,10 +84,6 @@ def test_folding_is_exact_gemma3_and_phi3(family, tmp_path):
     folder = {"gemma3": make_tiny_gemma3, "phi3": make_tiny_phi3}[family](tmp_path / "model", tok)
     assert folded_kl(folder) < 1e-9
 
-
-def run(capsys, *args) -> tuple[int, str]:
-    rc = main(["quantize", *map(str, args)])
-    return rc, capsys.readouterr().err
 
 
 def test_alpha_zero_is_round_to_nearest_byte_for_byte(tiny, tmp_path, capsys):

@@ -9,27 +9,17 @@ from gguf import GGUFReader
 
 from mixquant import formats
 from mixquant.calibrate import input_of
-from mixquant.cli import main
 from mixquant.hessians import Hessians
 from mixquant.quantize import output_error
 from mixquant.source import open_source
 
+from conftest import run_quantize as run
+
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    from conftest import tiny_model_and_text
+def tiny(tiny_calibrated) -> dict[str, Path]:
+    return tiny_calibrated
 
-    root = tmp_path_factory.mktemp("tiny_gptq")
-    model, text = tiny_model_and_text(root, 2000, seed=1)
-    hess, imatrix = root / "hessians.safetensors", root / "imatrix.gguf"
-    assert main(["imatrix", str(model), "--text", str(text), "--ctx", "64", "-o", str(imatrix),
-                 "--hessians", str(hess)]) == 0
-    return {"model": model, "text": text, "hessians": hess, "imatrix": imatrix}
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    rc = main(["quantize", *map(str, args)])
-    return rc, capsys.readouterr().err
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
