@@ -288,8 +288,8 @@ def _awq(args: argparse.Namespace, source, plan, hessians, importance):
 
 def _gptq_options(args: argparse.Namespace) -> dict[str, Any]:
     """HessianQuantizer's options from --gptq-order/-refit/-damp/-resweeps (gptq's defaults where not given)."""
-    if args.gptq_damp is not None and not args.gptq_damp >= 0:
-        raise MixquantError(f"--gptq-damp must be a fraction >= 0, got {args.gptq_damp}")
+    if args.gptq_damp is not None and not 0 <= args.gptq_damp < math.inf:  # NaN and inf fail too
+        raise MixquantError(f"--gptq-damp must be a finite fraction >= 0, got {args.gptq_damp}")
     options: dict[str, Any] = {"act_order": args.gptq_order == "act"}
     if args.gptq_refit is not None:  # else gptq's defaults
         options["refit"] = args.gptq_refit

@@ -93,7 +93,8 @@ def test_gptq_calibrates_on_the_fly_and_takes_any_plan(tiny, tmp_path, capsys):
     (["--hessians", "{hessians}"], "--hessians goes with --method gptq"),
     (["--method", "gptq", "--hessians", "{cut}"], "cut.safetensors"),
     (["--method", "gptq", "--hessians", "{imatrix}"], "not a readable Hessians file"),
-    (["--method", "gptq", "--hessians", "{hessians}", "--gptq-damp", "-0.5"], "--gptq-damp must be a fraction >= 0"),
+    (["--method", "gptq", "--hessians", "{hessians}", "--gptq-damp", "-0.5"], "--gptq-damp must be a finite fraction"),
+    (["--method", "gptq", "--hessians", "{hessians}", "--gptq-damp", "inf"], "--gptq-damp must be a finite fraction"),
     (["--method", "gptq", "--hessians", "{hessians}", "--no-gptq-refit", "--gptq-resweeps", "1"], "--no-gptq-refit"),
 ])
 def test_bad_gptq_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, args, message):
