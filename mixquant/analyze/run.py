@@ -356,47 +356,31 @@ def _method_hessians(method: str, hessians: Hessians | str | os.PathLike[str] | 
 
 
 class _Rounding:
-    """dequantize(quantize(w)) of one work item's tensors with the analysis's method: rtn, or GPTQ
-    with one factor of H^-1 per input, computed once and shared by every type and every tensor
-    reading that input (q/k/v; gate/up) for the item's lifetime (one unit: four inputs at most)."""
+    """dequantize(quantize(w)) of one work item's tensors with the analysis's method: rtn, or
+    `quantize --method gptq`'s own quantizer with every input's factor of H^-1 kept for the item's
+    lifetime (shared by every type and by the tensors reading that input: q/k/v, gate/up)."""
 
     def __init__(self, ctx: _Context, info: ModelInfo):
         from ..hessians import Hessians
+        from ..quantize import HessianQuantizer
 
         self.threads = ctx.threads
-        self.hessians: Hessians | None = None
+        self.gptq: HessianQuantizer | None = None
         if ctx.method == "gptq":
             if ctx.token not in _HESSIANS:
                 _HESSIANS[ctx.token] = Hessians.load(ctx.hessians)
-            self.hessians = _HESSIANS[ctx.token]
-        self.tied = bool(info.tied_output)
-        self._factors: dict[str, Any] = {}
-        self._matrices: dict[str, np.ndarray] = {}
-
-    def input(self, name: str) -> str | None:
-        """The Hessian key of the tensor's input, None where it is rounded to nearest."""
-        from ..calibrate import input_of
-
-        key = None if self.hessians is None else input_of(name, tied_output=self.tied)
-        return key if key is not None and key in self.hessians else None
+            self.gptq = HessianQuantizer(_HESSIANS[ctx.token], info, DEFAULT_DAMP, threads=ctx.threads,
+                                         keep_factors=True)
 
     def hessian(self, name: str) -> np.ndarray | None:
-        key = self.input(name)
-        if key is not None and key not in self._matrices:
-            self._matrices[key] = self.hessians.matrix(key)
-        return None if key is None else self._matrices[key]
+        """H of the tensor's input where it is rounded with GPTQ (its predicted error is H-weighted)."""
+        return None if self.gptq is None else self.gptq.hessian(name)
 
     def __call__(self, name: str, w: np.ndarray, type_name: str, importance: np.ndarray | None) -> np.ndarray:
         from .. import formats
-        from ..quantize import gptq
 
-        key = self.input(name)
-        if key is None:
-            data = formats.quantize(w, type_name, importance=importance, threads=self.threads)
-        else:
-            if key not in self._factors:
-                self._factors[key] = gptq.factor(self.hessian(name), DEFAULT_DAMP)
-            data = gptq.quantize(w, type_name, importance=importance, prepared=self._factors[key])
+        data = formats.quantize(w, type_name, importance=importance, threads=self.threads) if self.gptq is None \
+            else self.gptq(name, w, type_name, importance)
         return formats.dequantize(data, type_name, w.shape)
 
 

@@ -484,7 +484,8 @@ class HessianQuantizer:
     """
 
     def __init__(self, hessians, model, damp: float = DEFAULT_DAMP, act_order: bool = False,
-                 refit: bool = DEFAULT_REFIT, resweeps: int = 0):
+                 refit: bool = DEFAULT_REFIT, resweeps: int = 0, threads: int = 1,
+                 keep_factors: bool = False):
         from ..calibrate import input_of
         from ..hessians import model_shape
 
@@ -500,17 +501,34 @@ class HessianQuantizer:
             if key in hessians and len(t.shape) == 2 and hessians.cols(key) != t.shape[-1]:
                 raise MixquantError(f"{hessians.path or 'Hessians'}: Hessians are for another model ({key} has "
                                     f"{hessians.cols(key)} columns, {t.name} has {t.shape[-1]})")
+        self.threads = threads
+        # export takes tensors block by block: one input's factor at a time; an analysis work item
+        # (one unit, four inputs at most) goes back and forth between them: all kept
+        self.keep_factors = keep_factors
         self._factors: dict[str, Factor] = {}
+        self._matrices: dict[str, np.ndarray] = {}
         self.gptq_tensors = 0
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        """H of the input tensor `name` multiplies (None where it is rounded to nearest)."""
+        key = self._key.get(name)
+        if key not in self.hessians:
+            return None
+        if key not in self._matrices:
+            if not self.keep_factors:
+                self._matrices.clear()
+            self._matrices[key] = self.hessians.matrix(key)
+        return self._matrices[key]
 
     def __call__(self, name: str, w: np.ndarray, type_name: str, importance: np.ndarray | None) -> bytes:
         key = self._key.get(name)
         codec = formats.get(type_name)
         if key not in self.hessians or codec.frozen is None:
-            return formats.quantize(w, type_name, importance)
+            return formats.quantize(w, type_name, importance, threads=self.threads)
         if key not in self._factors:
-            self._factors.clear()  # tensors come block by block: keep only the current input's factor
-            self._factors[key] = factor(self.hessians.matrix(key), self.damp, self.act_order)
+            if not self.keep_factors:
+                self._factors.clear()
+            self._factors[key] = factor(self.hessian(name), self.damp, self.act_order)
         self.gptq_tensors += 1
         return quantize(w, type_name, importance=importance, prepared=self._factors[key], refit=self.refit,
                         resweeps=self.resweeps)
