@@ -20,6 +20,8 @@ On a bundled test model (`--model`: smollm2, SmolLM2-135M, the default; or gemma
 `mixquant analyze --method gptq` (every candidate's damage measured with GPTQ's rounding, in
 `<analysis>-gptq`) and written with it (`quantize --method gptq`, the analysis's Hessians); such a
 plan is evaluated from its written GGUF. The presets stay llama.cpp's (llama-imatrix's imatrix).
+`--method awq+gptq`: the plan allocated on that gptq analysis, then AWQ's scales searched for it and
+the plan written with awq+gptq (as `quantize --target-* --method awq+gptq`).
 `--analyze-args "--chunks 32"` passes settings to the analyses this bench runs.
 
 Prints a table (size, bpw, PPL, mean/p99 KLD, top-1, and mixquant's KLD relative to the preset
@@ -40,6 +42,9 @@ import time
 from pathlib import Path
 
 PRESETS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
+# mixquant's method -> the analysis its allocation is made on (AWQ's scales depend on the plan: they
+# are searched for the plan allocated on gptq's damages)
+ANALYSED_WITH = {"rtn": "rtn", "gptq": "gptq", "awq+gptq": "gptq"}
 
 
 def log(msg: str) -> None:
@@ -158,7 +163,8 @@ def plot(rows: list[dict], out: Path, with_referee: bool, model_name: str) -> Pa
     styles = {"preset": ("tab:gray", "s", "llama.cpp preset"),
               "preset+imatrix": ("tab:orange", "o", "llama.cpp preset + imatrix"),
               "mixquant": ("tab:blue", "D", "mixquant (same tensor bytes)"),
-              "mixquant-gptq": ("tab:green", "^", "mixquant, gptq (same tensor bytes)")}
+              "mixquant-gptq": ("tab:green", "^", "mixquant, gptq (same tensor bytes)"),
+              "mixquant-awq+gptq": ("tab:purple", "v", "mixquant, awq+gptq (same tensor bytes)")}
     for kind, (color, marker, label) in styles.items():
         pts = sorted((r["bits_per_weight"], r["kld_mean"], r["preset"]) for r in rows if r["kind"] == kind)
         if not pts:
@@ -230,10 +236,10 @@ def main() -> int:
     info = source.model
 
     mix_methods = args.method.split(",")
-    if not set(mix_methods) <= {"rtn", "gptq"}:
-        p.error(f"--method: rtn, gptq or rtn,gptq, not {args.method}")
-    analyses = {m: get_analysis(args, folder, calib, m) for m in mix_methods}
-    imatrix, sens = analyses[mix_methods[0]]
+    if not set(mix_methods) <= set(ANALYSED_WITH):
+        p.error(f"--method: a comma-separated list of {', '.join(ANALYSED_WITH)}, not {args.method}")
+    analyses = {m: get_analysis(args, folder, calib, m) for m in dict.fromkeys(ANALYSED_WITH[m] for m in mix_methods)}
+    imatrix, sens = analyses[ANALYSED_WITH[mix_methods[0]]]
     # what llama-imatrix collects of it (blk.* only): the presets get exactly that
     llama_imatrix = {name: v for name, v in imatrix.as_dict().items() if name.startswith("blk.")}
     fit = sens.fit_report()
@@ -246,14 +252,18 @@ def main() -> int:
     # (kind, label prefix, sensitivity, importance, quantizer): what mixquant is run with
     methods = []
     for m in mix_methods:
+        # the quantizer: None (rtn), gptq's, or for awq+gptq the Hessians its scales are searched with
         quantizer = None
-        if m == "gptq":
+        if m != "rtn":
             from mixquant.hessians import Hessians
             from mixquant.quantize import HessianQuantizer
 
-            quantizer = HessianQuantizer(Hessians.load(analysis_folder(args, m) / "hessians.safetensors"), info)
+            quantizer = Hessians.load(analysis_folder(args, ANALYSED_WITH[m]) / "hessians.safetensors")
+            if m == "gptq":
+                quantizer = HessianQuantizer(quantizer, info)
         kind = "mixquant" if m == "rtn" else f"mixquant-{m}"
-        methods.append((kind, kind, analyses[m][1], analyses[m][0], quantizer))
+        imp, sn = analyses[ANALYSED_WITH[m]]
+        methods.append((kind, kind, sn, imp, quantizer))
 
     referee = Referee(args, source, eval_text) if args.referee else None
     rows = []
@@ -281,7 +291,15 @@ def main() -> int:
                     referee_row = None if referee is None else referee.score(label, pl, im)
                 else:  # the in-memory evaluator rounds to nearest: evaluate the written file instead
                     tq = time.perf_counter()
-                    path, res = write_plan(source, args.out, label, pl, im, quantizer)
+                    written = source
+                    if kind == "mixquant-awq+gptq":  # the scales searched for the allocated plan
+                        from mixquant.quantize.awq import prepare
+
+                        awq = prepare(source, dict(pl.types), quantizer, im.as_dict(), "awq+gptq",
+                                      threads=args.threads or 2)
+                        log(f"  {label}: {awq.scales.summary()}")
+                        written, im, quantizer = awq.source, awq.importance, awq.quantizer
+                    path, res = write_plan(written, args.out, label, pl, im, quantizer)
                     log(f"  {label}: written with {kind} in {time.perf_counter() - tq:.0f} s")
                     r = ev.evaluate_gguf(path, label=label)
                     referee_row = None

@@ -124,8 +124,9 @@ def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool, he
     fly as `mixquant analyze` would (calibrating an imatrix there too unless --imatrix gives one),
     with --method's rounding (gptq: through `hessians`); else no sensitivity.
 
-    An allocation refuses a sensitivity measured with another rounding method than --method: its
-    damages are those of the other method's bytes (files without the field are rtn's)."""
+    An allocation refuses a sensitivity measured with another rounding than the one --method writes
+    (`_allocated_rounding`): its damages are those of the other method's bytes (files without the
+    field are rtn's)."""
     from .analyze import Sensitivity, analyze
     from .calibrate import calibrate
     from .text import read_text
@@ -133,11 +134,12 @@ def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool, he
     if args.sensitivity:
         sens = Sensitivity.load(args.sensitivity)
         sens.check_model(source.model, args.sensitivity)
-        measured = sens.settings.get("method", "rtn")
-        if allocating and measured != args.method:
+        measured, rounding = sens.settings.get("method", "rtn"), _allocated_rounding(args.method)
+        if allocating and measured != rounding:
+            writes = f"--method {args.method}" + (f" (allocated on {rounding} damages)" if rounding != args.method
+                                                  else "")
             raise MixquantError(f"{args.sensitivity}: measured with --method {measured}, but this allocation writes "
-                                f"--method {args.method}; give --method {measured}, or analyse with "
-                                f"--method {args.method}")
+                                f"{writes}; give --method {measured}, or analyse with --method {rounding}")
         return sens, imatrix
     if not allocating:
         return None, imatrix
@@ -151,11 +153,20 @@ def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool, he
                                 dataset=str(args.text), activations=False, output_importance=True,
                                 **_runtime(args)).imatrix
             print(f"imatrix: calibrated on {imatrix.chunks} chunks of {args.text}", file=sys.stderr)
+        rounding = _allocated_rounding(args.method)
         sens = analyze(source, imatrix, text=args.text, fisher=True, threads=args.threads, progress=progress,
-                       method=args.method, hessians=hessians, **_runtime(args))
+                       method=rounding, hessians=hessians if rounding == "gptq" else None, **_runtime(args))
     except MixquantError as exc:
         raise MixquantError(f"analysing --text {args.text} on the fly: {exc}") from None
     return sens, imatrix
+
+
+def _allocated_rounding(method: str) -> str:
+    """The rounding an allocation for `method` is measured with: the method itself, except that AWQ's
+    scales depend on the plan, so awq allocates on rtn damages and awq+gptq on gptq damages, and the
+    scales are then searched for the allocated plan (its search keeps s = 1 where no scale lowers the
+    error)."""
+    return {"awq": "rtn", "awq+gptq": "gptq"}.get(method, method)
 
 
 def _allocated_plan(args: argparse.Namespace, source, sens):
@@ -221,9 +232,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if (gptq or awq) and not (args.hessians or args.text):
         raise MixquantError(f"--method {args.method} needs --hessians FILE (mixquant imatrix --hessians, mixquant "
                             "analyze) or --text CALIB.txt to calibrate on the fly")
-    if awq and targets:
-        raise MixquantError(f"--method {args.method} does not allocate: the analysis measures damage with rtn or gptq "
-                            "rounding only; allocate with --method gptq, or give a preset or --recipe")
     if args.awq_grid < 1:
         raise MixquantError(f"--awq-grid must be at least 1, got {args.awq_grid}")
     imatrix = _read_imatrix_arg(args.imatrix)
@@ -259,6 +267,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         importance = None if imatrix is None else imatrix.as_dict()
         written = source
         if awq:
+            if targets:
+                print(f"awq: the plan was allocated on {_allocated_rounding(args.method)} damages; the scales are "
+                      "searched for it", file=sys.stderr)
             written, importance, quantizer = _awq(args, source, plan, hessians, importance)
         result = write_gguf(written, plan, args.out, importance=importance, threads=args.threads,
                             progress=sys.stderr.isatty(), file_type=args.type, quantizer=quantizer)
@@ -272,18 +283,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _awq(args: argparse.Namespace, source, plan, hessians, importance):
     """--method awq / awq+gptq: the scales searched for this plan, and (the source with them folded
     in, the imatrix they imply, the quantizer: GPTQ on the scaled Hessians, or None)."""
-    from .quantize import HessianQuantizer
-    from .quantize.awq import ScaledHessians, ScaledSource, search_scales
+    from .quantize.awq import prepare
 
-    scales = search_scales(source, dict(plan.types), hessians, importance, grid=args.awq_grid, threads=args.threads,
-                           progress=sys.stderr.isatty())
-    print(scales.summary(), file=sys.stderr)
-    if importance is not None:
-        importance = {name: scales.importance(name, v) for name, v in importance.items()}
-    quantizer = None
-    if args.method == "awq+gptq":
-        quantizer = HessianQuantizer(ScaledHessians(hessians, scales), source.model, **_gptq_options(args))
-    return ScaledSource(source, scales), importance, quantizer
+    awq = prepare(source, dict(plan.types), hessians, importance, args.method, grid=args.awq_grid,
+                  threads=args.threads, progress=sys.stderr.isatty(), gptq_options=_gptq_options(args))
+    print(awq.scales.summary(), file=sys.stderr)
+    return awq.source, awq.importance, awq.quantizer
 
 
 def _gptq_options(args: argparse.Namespace) -> dict[str, Any]:

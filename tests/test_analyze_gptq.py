@@ -11,13 +11,15 @@ import pytest
 from mixquant import formats
 from mixquant.analyze import Sensitivity, analyze, predicted_error
 from mixquant.analyze.run import _fingerprint
-from mixquant.calibrate import calibrate, input_of
+from mixquant.calibrate import calibrate, input_of, write_imatrix
 from mixquant.cli import main
 from mixquant.errors import MixquantError
 from mixquant.hessians import Hessians
 from mixquant.quantize import gptq
 from mixquant.source import open_source
 from mixquant.text import read_text
+
+from conftest import run_quantize as run
 
 TYPES = ["Q4_0", "Q5_1", "Q4_K"]
 
@@ -117,6 +119,33 @@ def test_allocation_refuses_a_sensitivity_of_another_method(tiny, tmp_path, caps
     rc = main(["quantize", str(model), str(out), "--target-bpw", "6", "--sensitivity", str(root / "sensitivity-rtn.json"),
                "--method", "gptq", "--hessians", str(root / "hessians.safetensors")])
     assert rc == 1 and "measured with --method rtn" in capsys.readouterr().err and not out.exists()
+
+
+def test_awq_allocates_on_its_base_methods_damages(tiny, tmp_path, capsys):
+    """AWQ's scales depend on the plan, so `--method awq+gptq` allocates on gptq damages (and awq on
+    rtn's), then searches the scales for the allocated plan: the same plan as --method gptq's, other
+    bytes; a sensitivity of the other rounding is refused in one line."""
+    from gguf import GGUFReader
+
+    root, model = tiny["root"], tiny["model"]
+    imatrix = tmp_path / "imatrix.gguf"
+    write_imatrix(tiny["imatrix"], imatrix)
+    common = ["--target-bpw", "6", "--hessians", root / "hessians.safetensors", "--imatrix", imatrix, "--threads", "1"]
+    files = {}
+    for method in ("gptq", "awq+gptq"):
+        files[method] = tmp_path / f"{method}.gguf"
+        rc, err = run(capsys, model, files[method], "--method", method, "--sensitivity", root / "sensitivity-gptq.json",
+                      *common)
+        assert rc == 0, err
+    assert "awq: the plan was allocated on gptq damages; the scales are searched for it" in err
+    kinds = [{t.name: (t.tensor_type, bytes(t.data)) for t in GGUFReader(f).tensors} for f in files.values()]
+    assert {n: t for n, (t, _) in kinds[0].items()} == {n: t for n, (t, _) in kinds[1].items()}
+    assert any(kinds[0][n][1] != kinds[1][n][1] for n in kinds[0])  # the scales changed something
+    rc, err = run(capsys, model, tmp_path / "awq.gguf", "--method", "awq", "--sensitivity",
+                  root / "sensitivity-gptq.json", *common)
+    assert rc == 1 and err.count("\n") == 1 and not (tmp_path / "awq.gguf").exists()
+    assert "measured with --method gptq, but this allocation writes --method awq (allocated on rtn damages); " \
+           "give --method gptq, or analyse with --method rtn" in err, err
 
 
 @pytest.mark.slow

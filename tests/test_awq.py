@@ -197,15 +197,6 @@ def test_bad_awq_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, ar
     assert not list(tmp_path.glob("o.gguf*"))
 
 
-def test_awq_does_not_allocate(tiny, tmp_path, capsys):
-    """An allocation writes the bytes its damages were measured on; the analysis measures rtn and
-    gptq rounding only, so a target with awq is refused before any work."""
-    rc, err = run(capsys, tiny["model"], tmp_path / "o.gguf", "--target-bpw", "6", "--method", "awq",
-                  "--hessians", tiny["hessians"])
-    assert rc == 1 and err.count("\n") == 1 and "--method awq does not allocate" in err, err
-    assert not list(tmp_path.glob("o.gguf*"))
-
-
 def test_an_architecture_without_folds_is_refused(tiny, tmp_path, capsys, monkeypatch):
     from mixquant.arch import for_gguf_arch
 

@@ -249,3 +249,32 @@ def search_scales(source: Any, types: dict[str, str], hessians: Any, importance:
         if best is not None and len(source.shape(fold.feeder)) == 2:
             rows_done[fold.feeder] = (fold.rows, best)
     return AwqScales(folds, scales, chosen)
+
+
+@dataclass
+class AwqWrite:
+    """What export.write_gguf takes to write a plan with AWQ: the source with the scales folded in,
+    the imatrix they imply, and the quantizer (GPTQ on the scaled Hessians for awq+gptq, else None)."""
+
+    scales: AwqScales
+    source: ScaledSource
+    importance: dict[str, np.ndarray] | None
+    quantizer: Any
+
+
+def prepare(source: Any, types: dict[str, str], hessians: Any, importance: dict[str, np.ndarray] | None,
+            method: str, *, grid: int = DEFAULT_GRID, threads: int = 2, progress: bool = False,
+            gptq_options: dict[str, Any] | None = None) -> AwqWrite:
+    """`method` (awq or awq+gptq) for the plan `types`: the scales searched for it, and what writing
+    it needs."""
+    from .gptq import HessianQuantizer
+
+    if method not in METHODS:
+        raise MixquantError(f"AWQ method must be one of {', '.join(METHODS)}, got {method!r}")
+    scales = search_scales(source, types, hessians, importance, grid=grid, threads=threads, progress=progress)
+    if importance is not None:
+        importance = {name: scales.importance(name, v) for name, v in importance.items()}
+    quantizer = None
+    if method == "awq+gptq":
+        quantizer = HessianQuantizer(ScaledHessians(hessians, scales), source.model, **(gptq_options or {}))
+    return AwqWrite(scales, ScaledSource(source, scales), importance, quantizer)
