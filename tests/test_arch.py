@@ -1,9 +1,11 @@
-"""Architecture adapters (mixquant.arch): the registry, and Gemma 3, Phi-3 and Qwen3-MoE end to end
-on small random-weight models built here (SmolLM2's tokenizer), with llama.cpp as the referee: its
-llama-quantize --dry-run chooses the same types, llama-imatrix collects the same importance (per
-expert for MoE, whose imatrix llama-quantize then uses as mixquant does), llama-perplexity loads our
-GGUF and agrees with mixquant eval."""
+"""Architecture adapters (mixquant.arch): the registry, and Gemma 3, Phi-3 (also with long-context
+rope) and Qwen3-MoE end to end on small random-weight models built here (SmolLM2's tokenizer), with
+llama.cpp as the referee: its llama-quantize --dry-run chooses the same types, llama-imatrix
+collects the same importance (per expert for MoE, whose imatrix llama-quantize then uses as mixquant
+does), llama-perplexity loads our GGUF and agrees with mixquant eval."""
 
+import functools
+import json
 import math
 import re
 import shutil
@@ -19,6 +21,11 @@ from mixquant.errors import MixquantError
 
 CTX = 128  # > the sliding window below: the sliding layers' mask matters
 CHUNKS = 2
+# the LongRoPE Phi-3's original context: llama.cpp takes the long factors when its per-sequence
+# context (llama-perplexity -c, padded to a multiple of 256) exceeds it, transformers when a
+# window's length does; both take the short ones at CTX and the long ones at LONG_CTX
+LONGROPE_ORIG_CTX = 256
+LONG_CTX = 512
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +64,28 @@ def make_tiny_gemma3(folder: Path, tokenizer: Path) -> Path:
     return _save(Gemma3ForCausalLM(cfg).eval(), folder, tokenizer)
 
 
-def make_tiny_phi3(folder: Path, tokenizer: Path) -> Path:
-    """A random 2-layer Phi-3 (fused qkv_proj and gate_up_proj), untied."""
+def make_tiny_phi3(folder: Path, tokenizer: Path, longrope: bool = False) -> Path:
+    """A random 2-layer Phi-3 (fused qkv_proj and gate_up_proj), untied. `longrope`: with
+    Phi-3-mini-128k's long-context rope (random long and short factors, an original context of
+    LONGROPE_ORIG_CTX of 2048 positions), its config.json written as that checkpoint's is."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
+    rope = {}
+    if longrope:
+        rope = {"rope_scaling": {"type": "longrope", "long_factor": (1 + 15 * torch.rand(32)).tolist(),
+                                 "short_factor": (0.5 + torch.rand(32)).tolist()}}
     cfg = Phi3Config(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                     original_max_position_embeddings=2048, sliding_window=None, initializer_range=0.05,
-                     bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    return _save(Phi3ForCausalLM(cfg).eval(), folder, tokenizer)
+                     original_max_position_embeddings=LONGROPE_ORIG_CTX if longrope else 2048, sliding_window=None,
+                     initializer_range=0.05, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                     **rope)
+    folder = _save(Phi3ForCausalLM(cfg).eval(), folder, tokenizer)
+    if longrope:
+        config = json.loads((folder / "config.json").read_text())
+        config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+        (folder / "config.json").write_text(json.dumps({**config, **rope}, indent=2))
+    return folder
 
 
 def make_tiny_qwen3moe(folder: Path, tokenizer: Path) -> Path:
@@ -114,7 +133,7 @@ def test_inputs_and_feeds():
 # Gemma 3 and Phi-3 end to end
 
 
-@pytest.fixture(scope="module", params=["gemma3", "phi3", "qwen3moe"])
+@pytest.fixture(scope="module", params=["gemma3", "phi3", "phi3-longrope", "qwen3moe"])
 def family(request, tmp_path_factory, smollm_tokenizer):
     """(name, HF folder, opened source, F32 GGUF, evaluation text) of one tiny model."""
     from mixquant.export import write_gguf
@@ -122,7 +141,8 @@ def family(request, tmp_path_factory, smollm_tokenizer):
     from mixquant.source import open_source
     from mixquant.testdata import build_test_text
 
-    make = {"gemma3": make_tiny_gemma3, "phi3": make_tiny_phi3, "qwen3moe": make_tiny_qwen3moe}[request.param]
+    make = {"gemma3": make_tiny_gemma3, "phi3": make_tiny_phi3, "phi3-longrope": functools.partial(make_tiny_phi3, longrope=True),
+            "qwen3moe": make_tiny_qwen3moe}[request.param]
     root = tmp_path_factory.mktemp(request.param)
     folder = make(root / "model", smollm_tokenizer)
     src = open_source(folder)
@@ -142,7 +162,7 @@ def test_export_is_convert_hf_to_gguf_s(family):
     name, folder, src, f32, _ = family
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     params = src.adapter.parameters(model, src.model)
-    assert set(params) == set(src.tensor_names)
+    assert set(params) == set(src.tensor_names) - src.adapter.derived
     reader = gguf.GGUFReader(f32)
     stored = {t.name: np.asarray(t.data) for t in reader.tensors}
     for tname, p in params.items():
@@ -174,6 +194,21 @@ def test_export_is_convert_hf_to_gguf_s(family):
         assert stored["blk.0.attn_qkv.weight"].shape == (256 + 2 * 2 * 64, 256)
         assert stored["blk.0.ffn_up.weight"].shape == (2 * 512, 256)
         assert kv["phi3.rope.dimension_count"].value == 64
+        assert kv["phi3.context_length"].value == 2048
+        factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors")}
+        if name == "phi3":
+            assert factors == {} and "phi3.rope.scaling.attn_factor" not in kv
+            assert kv["phi3.rope.scaling.original_context_length"].value == 2048
+        else:  # Phi3MiniModel.generate_extra_tensors': the factors as F32, the cos/sin scale
+            rope = json.loads((folder / "config.json").read_text())["rope_scaling"]
+            for kind in ("long", "short"):
+                t = factors.pop(f"rope_factors_{kind}.weight")
+                assert t.tensor_type == gguf.GGMLQuantizationType.F32
+                np.testing.assert_array_equal(np.asarray(t.data), np.array(rope[f"{kind}_factor"], dtype=np.float32))
+            assert factors == {}
+            assert kv["phi3.rope.scaling.original_context_length"].value == LONGROPE_ORIG_CTX
+            assert kv["phi3.rope.scaling.attn_factor"].value == \
+                pytest.approx(math.sqrt(1 + math.log(2048 / LONGROPE_ORIG_CTX) / math.log(LONGROPE_ORIG_CTX)))
 
 
 def test_runner_reproduces_the_full_forward_pass(family):
@@ -197,7 +232,7 @@ def test_analyze_measures_and_fits(family):
     from mixquant.analyze import analyze
 
     name, folder, src, _, text = family
-    first = "blk.0.attn_qkv.weight" if name == "phi3" else "blk.0.attn_q.weight"
+    first = "blk.0.attn_qkv.weight" if name.startswith("phi3") else "blk.0.attn_q.weight"
     last = "blk.1.ffn_up_exps.weight" if name == "qwen3moe" else "blk.1.ffn_down.weight"
     imatrix = None
     if name == "qwen3moe":  # with its per-expert imatrix: each expert weighed by its own slice
@@ -304,10 +339,10 @@ def test_presets_match_llama_quantize(family, tmp_path, imatrix):
         assert ours == theirs, (preset, {n: (ours.get(n), t) for n, t in theirs.items() if ours.get(n) != t})
 
 
-def _perplexity(f: Path, text: Path, *extra) -> str:
+def _perplexity(f: Path, text: Path, *extra, ctx: int = CTX) -> str:
     from mixquant.reference import llama_tool
 
-    return _run([llama_tool("llama-perplexity"), "-m", f, "-f", text, "-c", CTX, "--chunks", CHUNKS, "-t", 2,
+    return _run([llama_tool("llama-perplexity"), "-m", f, "-f", text, "-c", ctx, "--chunks", CHUNKS, "-t", 2,
                  *extra])
 
 
@@ -319,7 +354,10 @@ def _number(pattern: str, log: str) -> float:
 
 @pytest.mark.slow
 def test_eval_matches_llama_perplexity(family, tmp_path):
-    """llama.cpp loads our F32 and Q4_K_M files and its perplexity equals mixquant eval's (1%)."""
+    """llama.cpp loads our F32 and Q4_K_M files and its perplexity equals mixquant eval's: F32 to
+    1e-4 (measured 2e-6 to 2e-5; LongRoPE's factors swapped moved llama.cpp's by 3.6% at CTX and
+    0.66% at LONG_CTX, its attn_factor left out by 3.3% and 0.29%), Q4_K_M to 1%. LongRoPE at CTX
+    (both take the short factors) and at LONG_CTX (the long ones)."""
     from mixquant.evaluate import Evaluator
     from mixquant.export import write_gguf
     from mixquant.plan import preset_plan
@@ -327,16 +365,30 @@ def test_eval_matches_llama_perplexity(family, tmp_path):
     name, folder, src, f32, text = family
     q4 = tmp_path / "q4_k_m.gguf"
     write_gguf(src, preset_plan(src.model, "Q4_K_M"), q4, progress=False)
-    with Evaluator(src, text, ctx=CTX, chunks=CHUNKS, progress=False, cache=tmp_path / "cache") as ev:
-        ref = ev.reference().ppl
-        ours = ev.evaluate_gguf(q4)
-    llama_f32 = _number(r"Final estimate: PPL = ([0-9.]+)", _perplexity(f32, text))
-    llama_q4 = _number(r"Final estimate: PPL = ([0-9.]+)", _perplexity(q4, text))
-    print(f"\n{name}: PPL F32 llama.cpp {llama_f32:.4f}, mixquant {ref:.4f}; "
-          f"Q4_K_M llama.cpp {llama_q4:.4f}, mixquant {ours.ppl:.4f} (KLD {ours.kld_mean:.5f})")
-    assert abs(ref / llama_f32 - 1) < 0.01
-    assert abs(ours.ppl / llama_q4 - 1) < 0.01
-    assert ours.kld_mean > 0 and math.isfinite(ours.kld_mean)
+    for ctx in (CTX, LONG_CTX) if name == "phi3-longrope" else (CTX,):
+        with Evaluator(src, text, ctx=ctx, chunks=CHUNKS, progress=False, cache=tmp_path / "cache") as ev:
+            ref = ev.reference().ppl
+            ours = ev.evaluate_gguf(q4)
+        llama_f32 = _number(r"Final estimate: PPL = ([0-9.]+)", _perplexity(f32, text, ctx=ctx))
+        llama_q4 = _number(r"Final estimate: PPL = ([0-9.]+)", _perplexity(q4, text, ctx=ctx))
+        print(f"\n{name} (ctx {ctx}): PPL F32 llama.cpp {llama_f32:.4f}, mixquant {ref:.4f}; "
+              f"Q4_K_M llama.cpp {llama_q4:.4f}, mixquant {ours.ppl:.4f} (KLD {ours.kld_mean:.5f})")
+        assert abs(ref / llama_f32 - 1) < 1e-4
+        assert abs(ours.ppl / llama_q4 - 1) < 0.01
+        assert ours.kld_mean > 0 and math.isfinite(ours.kld_mean)
+
+
+def test_phi3_longrope_config_errors(tmp_path, smollm_tokenizer):
+    """A LongRoPE config llama.cpp could not use is refused in one line."""
+    from mixquant.source import open_source
+
+    folder = make_tiny_phi3(tmp_path / "model", smollm_tokenizer, longrope=True)
+    good = json.loads((folder / "config.json").read_text())
+    for change, message in [({"short_factor": good["rope_scaling"]["short_factor"][:30]}, "short_factor must be 32 positive"),
+                            ({"long_factor": [0.0] * 32}, "long_factor must be 32 positive")]:
+        (folder / "config.json").write_text(json.dumps({**good, "rope_scaling": {**good["rope_scaling"], **change}}))
+        with pytest.raises(MixquantError, match=message):
+            open_source(folder)
 
 
 def make_spm_bpe_tokenizer(folder: Path) -> Path:

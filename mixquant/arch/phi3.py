@@ -1,9 +1,12 @@
 """Phi-3 (convert_hf_to_gguf's Phi3MiniModel): q/k/v in one fused attn_qkv and gate/up in one
-fused ffn_up, kept fused in GGUF as the converter keeps them; NeoX rope (no permutation)."""
+fused ffn_up, kept fused in GGUF as the converter keeps them; NeoX rope (no permutation);
+long-context rope (LongRoPE: Phi-3-mini-128k, Phi-3.5-mini) as the rope_factors_long/short tensors."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import gguf
 import numpy as np
@@ -17,6 +20,57 @@ if TYPE_CHECKING:
     from ..plan import ModelInfo
     from ..source import HFSource
 
+_FACTOR_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+
+
+@dataclass(frozen=True)
+class LongRope:
+    """Phi3MiniModel.generate_extra_tensors' LongRoPE: per-frequency divisors of the rope
+    frequencies for contexts longer than the original one (long) and up to it (short), which
+    llama.cpp picks by n_ctx against rope.scaling.original_context_length (transformers by the
+    sequence length), and the factor scaling cos and sin at every length."""
+
+    long: np.ndarray
+    short: np.ndarray
+    attn_factor: float
+
+
+def long_rope(src: HFSource) -> LongRope | None:
+    """The checkpoint's LongRoPE (None: its rope_scaling has no "long_factor"), from the config as
+    transformers loads it, as the converter reads it (transformers renames Phi-3's "su" and "yarn"
+    to "longrope")."""
+    from ..source import _find_hparam, _rope_parameters
+
+    if not _rope_parameters(src.config).get("long_factor"):  # the raw file: no transformers import for most
+        return None
+    hp, where = src.hparams, src.path / "config.json"
+    rope = _rope_parameters(hp)
+    rope_type = str(rope.get("rope_type", "")).lower()
+    if rope_type not in ("su", "longrope", "yarn"):
+        raise MixquantError(f"{where}: Phi-3 rope_scaling type {rope_type!r} with long_factor is not supported "
+                            "(expected 'longrope', 'su' or 'yarn')")
+    orig_ctx, ctx = rope.get("original_max_position_embeddings"), _find_hparam(hp, ["n_positions", "max_position_embeddings"])
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (orig_ctx, ctx)):
+        raise MixquantError(f"{where}: malformed config.json: LongRoPE needs positive original_max_position_embeddings "
+                            f"and max_position_embeddings (got {orig_ctx!r}, {ctx!r})")
+    half = int(rope.get("partial_rotary_factor", 1.0) * src.n_embd) // src.n_head // 2
+    factors = []
+    for key in ("long_factor", "short_factor"):
+        values = rope.get(key)
+        if not isinstance(values, list) or len(values) != half \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise MixquantError(f"{where}: malformed config.json: rope_scaling {key} must be {half} positive numbers "
+                                "(one per rotated dimension pair)")
+        factors.append(np.array(values, dtype=np.float32))
+    scale = ctx / orig_ctx
+    if scale <= 1.0:
+        attn_factor = 1.0
+    elif rope_type == "yarn":
+        attn_factor = 0.1 * math.log(scale) + 1.0
+    else:
+        attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig_ctx))
+    return LongRope(factors[0], factors[1], attn_factor)
+
 
 @register
 class Phi3(Adapter):
@@ -28,6 +82,11 @@ class Phi3(Adapter):
     # attn_qkv's V rows feed attn_output, ffn_up's up half (its second half) feeds ffn_down
     norm_feeds = {"attn_norm": ("attn_qkv",), "ffn_norm": ("ffn_up",), "attn_qkv": ("attn_output",),
                   "ffn_up": ("ffn_down",)}
+    derived = frozenset(_FACTOR_TENSORS)
+
+    def derived_tensors(self, src: HFSource) -> dict[str, Callable[[], np.ndarray]]:
+        rope = long_rope(src)
+        return {} if rope is None else dict(zip(_FACTOR_TENSORS, (rope.long.copy, rope.short.copy)))
 
     def fold_channels(self, kind: str, feeder_shape: tuple[int, ...], cols: int, info: ModelInfo
                       ) -> tuple[slice, np.ndarray | None]:
@@ -55,8 +114,8 @@ class Phi3(Adapter):
         from ..source import _find_hparam, _rope_parameters
 
         rope = _rope_parameters(hp)
-        if rope.get("long_factor"):
-            raise MixquantError(f"{src.path}: Phi-3 long-context rope (rope_factors_long/short) is not supported")
+        if (longrope := long_rope(src)) is not None:
+            w.add_rope_scaling_attn_factors(longrope.attn_factor)
         n_embd, n_head = src.n_embd, src.n_head
         w.add_context_length(_find_hparam(hp, ["n_positions", "max_position_embeddings"]))
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
