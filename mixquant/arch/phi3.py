@@ -27,7 +27,7 @@ _FACTOR_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 class LongRope:
     """Phi3MiniModel.generate_extra_tensors' LongRoPE: per-frequency divisors of the rope
     frequencies for contexts longer than the original one (long) and up to it (short), which
-    llama.cpp picks by n_ctx against rope.scaling.original_context_length (transformers by the
+    llama.cpp picks by its per-sequence context against rope.scaling.original_context_length (transformers by the
     sequence length), and the factor scaling cos and sin at every length."""
 
     long: np.ndarray
@@ -38,7 +38,8 @@ class LongRope:
 def long_rope(src: HFSource) -> LongRope | None:
     """The checkpoint's LongRoPE (None: its rope_scaling has no "long_factor"), from the config as
     transformers loads it, as the converter reads it (transformers renames Phi-3's "su" and "yarn"
-    to "longrope")."""
+    to "longrope", and computes "yarn" as LongRoPE: the converter's other attn_factor for "yarn" is
+    never reached)."""
     from ..source import _find_hparam, _rope_parameters
 
     if not _rope_parameters(src.config).get("long_factor"):  # the raw file: no transformers import for most
@@ -46,9 +47,9 @@ def long_rope(src: HFSource) -> LongRope | None:
     hp, where = src.hparams, src.path / "config.json"
     rope = _rope_parameters(hp)
     rope_type = str(rope.get("rope_type", "")).lower()
-    if rope_type not in ("su", "longrope", "yarn"):
+    if rope_type not in ("su", "longrope"):
         raise MixquantError(f"{where}: Phi-3 rope_scaling type {rope_type!r} with long_factor is not supported "
-                            "(expected 'longrope', 'su' or 'yarn')")
+                            "(expected 'longrope' or 'su')")
     orig_ctx, ctx = rope.get("original_max_position_embeddings"), _find_hparam(hp, ["n_positions", "max_position_embeddings"])
     if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (orig_ctx, ctx)):
         raise MixquantError(f"{where}: malformed config.json: LongRoPE needs positive original_max_position_embeddings "
@@ -63,12 +64,7 @@ def long_rope(src: HFSource) -> LongRope | None:
                                 "(one per rotated dimension pair)")
         factors.append(np.array(values, dtype=np.float32))
     scale = ctx / orig_ctx
-    if scale <= 1.0:
-        attn_factor = 1.0
-    elif rope_type == "yarn":
-        attn_factor = 0.1 * math.log(scale) + 1.0
-    else:
-        attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig_ctx))
+    attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig_ctx)) if scale > 1.0 else 1.0
     return LongRope(factors[0], factors[1], attn_factor)
 
 
