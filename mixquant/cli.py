@@ -618,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rtn: llama-quantize's round-to-nearest (default, the same bytes); gptq: error-compensated "
                         "rounding inside the GGUF blocks with the inputs' Hessians; awq: per-channel scales "
                         "(mean|x|^alpha, searched on the Hessians) folded into the norms and v/up rows; "
-                        "awq+gptq: both")
+                        "awq+gptq: both (with --target-*/--max-kld: allocated on rtn or gptq damages, the "
+                        "scales then searched for the allocated plan)")
     p.add_argument("--hessians", metavar="FILE", help="hessians.safetensors (mixquant analyze, mixquant imatrix "
                    "--hessians) for --method gptq, awq, awq+gptq")
     p.add_argument("--awq-grid", type=int, default=20, metavar="N",
