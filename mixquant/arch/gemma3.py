@@ -57,10 +57,11 @@ class Gemma3(Adapter):
         with a tokenizer.model, its SentencePiece list padded to vocab_size, so none either."""
         if (src.path / "tokenizer.model").is_file():
             return src.vocab_size
-        added = tokenizer.get("added_tokens", [])
-        if not isinstance(added, list):
-            raise MixquantError(f"{src.path / 'tokenizer.json'}: malformed tokenizer.json: added_tokens is not a list")
-        return min(src.vocab_size, len(tokenizer["model"]["vocab"]) + len(added))
+        vocab, added = tokenizer["model"]["vocab"], tokenizer.get("added_tokens", [])
+        if not isinstance(vocab, (dict, list)) or not isinstance(added, list):
+            raise MixquantError(f"{src.path / 'tokenizer.json'}: malformed tokenizer.json: model.vocab or "
+                                "added_tokens has the wrong type")
+        return min(src.vocab_size, len(vocab) + len(added))
 
     def add_vocab(self, w: GGUFWriter, src: HFSource, tokenizer_config: dict[str, Any]) -> None:
         """Gemma3Model.set_vocab reads tokenizer.model (SentencePiece); from a tokenizer.json that is
