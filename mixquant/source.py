@@ -384,7 +384,8 @@ class HFSource(Source):
             tied = self.hparams.get("tie_word_embeddings", False)
         self.tied = bool(tied)
 
-        self._check_tokenizer(folder)
+        # the GGUF's vocabulary: token list and embedding rows (Gemma 3 drops those beyond the tokenizer's)
+        self.n_vocab = self.adapter.vocab_rows(self, self._check_tokenizer(folder))
         self._entries = self._scan_weights(folder)
         if self.n_layer > len(self._entries):  # before anything sized by it (name maps, required lists)
             raise MixquantError(f"{config_path}: num_hidden_layers is {self.n_layer} but the weights hold only "
@@ -393,11 +394,12 @@ class HFSource(Source):
         self._loaders: dict[str, Callable[[], np.ndarray]] = {}
         self._row_entries: dict[str, _StEntry] = {}  # 2-D tensors stored as they are: rows readable alone
         self._types: dict[str, str] = {}
+        self._kept_rows: dict[str, int] = {}  # 2-D tensors of which the GGUF keeps only the first rows
         dims = ModelInfo(arch=self.arch, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
                          n_expert=self.n_expert, n_embd=self.n_embd, tied_output=self.tied)  # no tensors yet
         infos = self._map_tensors(dims)
         self._check_shapes(infos, config_path)
-        self.model = replace(dims, tensors=infos)
+        self.model = replace(dims, tensors=[self._keep_vocab(t) for t in infos])
 
     # -- config -----------------------------------------------------------------------------
 
@@ -416,7 +418,8 @@ class HFSource(Source):
         return loaded
 
     @staticmethod
-    def _check_tokenizer(folder: Path) -> None:
+    def _check_tokenizer(folder: Path) -> dict[str, Any]:
+        """tokenizer.json, checked (a usable GGUF needs it)."""
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise MixquantError(f"{path}: missing tokenizer.json (the tokenizer is needed to write a usable GGUF)")
@@ -426,6 +429,7 @@ class HFSource(Source):
         cfg = folder / "tokenizer_config.json"
         if cfg.exists() and not isinstance(_read_json(cfg, "tokenizer_config.json"), dict):
             raise MixquantError(f"{cfg}: malformed tokenizer_config.json: not a JSON object")
+        return tok
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -541,13 +545,21 @@ class HFSource(Source):
                     f"the config (hidden_size {e}, {self.n_head} heads, {self.n_head_kv} KV heads, head_dim "
                     f"{head_dim}, intermediate_size {n_ff}, vocab_size {v}) gives {list(want)}")
 
+    def _keep_vocab(self, t: TensorInfo) -> TensorInfo:
+        """The token embedding (and output) cut to the GGUF's vocabulary, its first `n_vocab` rows."""
+        if t.name not in ("token_embd.weight", "output.weight") or t.shape[0] <= self.n_vocab:
+            return t
+        self._kept_rows[t.name] = self.n_vocab
+        return replace(t, shape=(self.n_vocab, *t.shape[1:]))
+
     def _first_file(self) -> Path:
         return next(iter(self._entries.values())).file if self._entries else self.path
 
     def _loader(self, name: str, parts: list[tuple[str, _StEntry]], dims: ModelInfo) -> Callable[[], np.ndarray]:
         """Read one checkpoint tensor (or stack several: experts) and convert it to GGUF values."""
         def load() -> np.ndarray:
-            xs = [self._read(entry) for _, entry in parts]
+            kept = self._kept_rows.get(name)
+            xs = [self._read(entry, None if kept is None else slice(0, kept)) for _, entry in parts]
             x = xs[0] if len(xs) == 1 else np.stack(xs)
             x = np.ascontiguousarray(self.adapter.to_gguf(name, x, dims), dtype=np.float32)
             _check_finite(x, f"{name} ({parts[0][0]})", parts[0][1].file)
@@ -582,7 +594,7 @@ class HFSource(Source):
         entry = self._row_entries.get(name)
         if entry is None:
             return super().tensor_rows(name, start, stop)
-        x = self._read(entry, slice(start, stop))
+        x = self._read(entry, slice(start, min(stop, self.shape(name)[0])))
         _check_finite(x, name, entry.file)
         return x
 
@@ -687,6 +699,13 @@ class HFSource(Source):
         except Exception as exc:  # noqa: BLE001 - tokenizer libraries raise anything
             raise MixquantError(f"{folder / 'tokenizer.json'}: cannot read the tokenizer: {exc}") from None
 
+    def check_token_ids(self, top: int) -> None:
+        """The tokenizer's largest token id `top` must have a row in the GGUF's vocabulary."""
+        if top >= self.n_vocab:
+            kept = f" ({self.n_vocab} rows kept)" if self.n_vocab != self.vocab_size else ""
+            raise MixquantError(f"{self.path / 'tokenizer.json'}: tokenizer has token id {top} but config.json "
+                                f"vocab_size is {self.vocab_size}{kept}")
+
     def _add_vocab_llama_hf(self, w: gguf.GGUFWriter) -> None:
         vocab = gguf.LlamaHfVocab(self.path)
         tokens, scores, toktypes = [], [], []
@@ -707,11 +726,8 @@ class HFSource(Source):
         tok_path = self.path / "tokenizer.json"
         tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         vocab = tokenizer.vocab
-        vocab_size = self.vocab_size
-        if max(vocab.values()) >= vocab_size:
-            raise MixquantError(
-                f"{tok_path}: tokenizer has token id {max(vocab.values())} but config.json vocab_size is {vocab_size}"
-            )
+        vocab_size = self.n_vocab
+        self.check_token_ids(max(vocab.values()))
         chkhsh = sha256(str(tokenizer.encode(_CHKTXT)).encode()).hexdigest()
         tokpre = _BPE_PRE.get(chkhsh)
         if tokpre is None:

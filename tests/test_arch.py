@@ -50,13 +50,14 @@ def _save(model, folder: Path, tokenizer: Path) -> Path:
     return folder
 
 
-def make_tiny_gemma3(folder: Path, tokenizer: Path) -> Path:
+def make_tiny_gemma3(folder: Path, tokenizer: Path, vocab_size: int = 49152) -> Path:
     """A random 6-layer Gemma 3 (5 sliding-window layers, then a global one: llama.cpp's fixed
-    pattern), rows of 256 so the k-quants apply, tied embedding."""
+    pattern), rows of 256 so the k-quants apply, tied embedding of `vocab_size` rows (more than
+    the tokenizer's 49152 tokens: rows the GGUF drops)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
                            num_attention_heads=4, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
                            sliding_window=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
                            initializer_range=0.05, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -133,7 +134,11 @@ def test_inputs_and_feeds():
 # Gemma 3 and Phi-3 end to end
 
 
-@pytest.fixture(scope="module", params=["gemma3", "phi3", "phi3-longrope", "qwen3moe"])
+# a tiny Gemma 3 whose embedding has 64 rows more than the tokenizer has tokens
+OOV_VOCAB = 49152 + 64
+
+
+@pytest.fixture(scope="module", params=["gemma3", "gemma3-oov", "phi3", "phi3-longrope", "qwen3moe"])
 def family(request, tmp_path_factory, smollm_tokenizer):
     """(name, HF folder, opened source, F32 GGUF, evaluation text) of one tiny model."""
     from mixquant.export import write_gguf
@@ -141,7 +146,8 @@ def family(request, tmp_path_factory, smollm_tokenizer):
     from mixquant.source import open_source
     from mixquant.testdata import build_test_text
 
-    make = {"gemma3": make_tiny_gemma3, "phi3": make_tiny_phi3, "phi3-longrope": functools.partial(make_tiny_phi3, longrope=True),
+    make = {"gemma3": make_tiny_gemma3, "gemma3-oov": functools.partial(make_tiny_gemma3, vocab_size=OOV_VOCAB),
+            "phi3": make_tiny_phi3, "phi3-longrope": functools.partial(make_tiny_phi3, longrope=True),
             "qwen3moe": make_tiny_qwen3moe}[request.param]
     root = tmp_path_factory.mktemp(request.param)
     folder = make(root / "model", smollm_tokenizer)
@@ -166,11 +172,11 @@ def test_export_is_convert_hf_to_gguf_s(family):
     reader = gguf.GGUFReader(f32)
     stored = {t.name: np.asarray(t.data) for t in reader.tensors}
     for tname, p in params.items():
-        hf = p.detach().numpy()
         x = src.tensor(tname)
+        hf = p.detach().numpy()[: x.shape[0]] if tname == "token_embd.weight" else p.detach().numpy()
         np.testing.assert_array_equal(stored[tname].reshape(x.shape), x)
         back = src.adapter.from_gguf(tname, x, src.model)
-        if name == "gemma3" and tname.endswith("norm.weight"):
+        if name.startswith("gemma3") and tname.endswith("norm.weight"):
             # stored as float32(1 + w), as the converter stores it; back = that - 1 exactly, so the
             # model computes x * (1 + back) = x * stored, as llama.cpp does
             np.testing.assert_array_equal(x, hf + np.float32(1))
@@ -184,8 +190,15 @@ def test_export_is_convert_hf_to_gguf_s(family):
         assert stored["blk.0.ffn_gate_inp.weight"].shape == (4, 256)
         assert kv["qwen3moe.expert_count"].value == 4 and kv["qwen3moe.expert_used_count"].value == 2
         assert kv["qwen3moe.expert_feed_forward_length"].value == 256
-    elif name == "gemma3":
+    elif name.startswith("gemma3"):
         assert "output.weight" not in stored and "blk.0.post_ffw_norm.weight" in stored
+        # Gemma3Model.modify_tensors keeps len(vocab) + len(added_tokens) rows of tokenizer.json (SmolLM2's
+        # 17 added tokens are in its vocabulary too: 17 of the 64 extra rows stay), and llama.cpp
+        # needs as many tokens as rows
+        tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        rows = min(model.config.vocab_size, len(tok["model"]["vocab"]) + len(tok["added_tokens"]))
+        assert (rows < model.config.vocab_size) == (name == "gemma3-oov")
+        assert stored["token_embd.weight"].shape == (rows, 256) and len(kv["tokenizer.ggml.tokens"].value) == rows
         assert kv["gemma3.attention.sliding_window"].value == 32
         assert kv["gemma3.rope.freq_base"].value == 1_000_000.0
         assert kv["gemma3.rope.freq_base_swa"].value == 10_000.0
@@ -391,6 +404,51 @@ def test_phi3_longrope_config_errors(tmp_path, smollm_tokenizer):
             open_source(folder)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma3-oov"], indirect=True)
+def test_gemma3_drops_the_rows_convert_hf_to_gguf_drops(family, tmp_path):
+    """Every tensor of our F32 file equals convert_hf_to_gguf's (token_embd cut to the same rows);
+    its token list is ours padded to config's vocab_size, one token per row we dropped (which
+    llama.cpp refuses: token_embd then has fewer rows than the vocabulary)."""
+    import gguf
+    from test_source_export import _convert_hf_to_gguf
+
+    _, folder, src, f32, _ = family
+    theirs = tmp_path / "theirs.gguf"
+    _convert_hf_to_gguf(folder, theirs, tmp_path)
+    a, b = gguf.GGUFReader(f32), gguf.GGUFReader(theirs)
+    ours_t, theirs_t = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert ours_t.keys() == theirs_t.keys()
+    for tname, t in ours_t.items():
+        assert t.shape.tolist() == theirs_t[tname].shape.tolist(), tname
+        assert np.array_equal(np.asarray(t.data), np.asarray(theirs_t[tname].data)), tname
+    ours_tokens, their_tokens = a.fields["tokenizer.ggml.tokens"].contents(), b.fields["tokenizer.ggml.tokens"].contents()
+    rows = src.shape("token_embd.weight")[0]
+    assert len(ours_tokens) == rows < len(their_tokens) == OOV_VOCAB
+    assert their_tokens == ours_tokens + [f"[PAD{i}]" for i in range(rows, OOV_VOCAB)]
+
+
+@pytest.mark.slow
+def test_gemma3_270m_keeps_every_row():
+    """The bundled Gemma 3 270M: its tokenizer.json's 262,144 tokens (and 6,384 added ones, all among
+    them) cover every row, so nothing is dropped and the runtime's model is the checkpoint's."""
+    from safetensors import safe_open
+
+    from mixquant.runtime import StreamedModel
+    from mixquant.source import open_source
+    from mixquant.testdata import build_gemma_model
+
+    with open_source(build_gemma_model()) as src:
+        assert src.vocab_size == src.n_vocab == 262144
+        assert src.shape("token_embd.weight") == (262144, 640)
+        assert len(src.meta("tokenizer.ggml.tokens")) == 262144
+        with safe_open(src.path / "model.safetensors", "np") as f:
+            last = f.get_slice("model.embed_tokens.weight")[262141:262144]
+        np.testing.assert_array_equal(src.tensor_rows("token_embd.weight", 262141, 262144), last.astype(np.float32))
+        with StreamedModel(src) as sm:
+            assert sm.model.config.vocab_size == 262144 and tuple(sm.head.weight.shape) == (262144, 640)
+
+
 def make_spm_bpe_tokenizer(folder: Path) -> Path:
     """A tiny SentencePiece-style BPE tokenizer.json, laid out as Gemma's: spaces normalised to
     "\u2581", byte fallback with the 256 byte pieces after the control tokens, then the learned
@@ -424,7 +482,9 @@ def make_spm_bpe_tokenizer(folder: Path) -> Path:
 
 def test_gemma3_sentencepiece_vocabulary_tokenizes_as_transformers(tmp_path):
     """A SentencePiece-BPE tokenizer.json (Gemma's kind) becomes llama.cpp's "llama" vocabulary
-    with scores in piece order: llama-tokenize on the exported GGUF gives transformers' tokens."""
+    with scores in piece order: llama-tokenize on the exported GGUF gives transformers' tokens. The
+    embedding has 8 rows more than the tokenizer's tokens: the GGUF keeps the converter's count of
+    rows (the vocabulary plus the 4 added tokens, which are in it too) and as many tokens."""
     import json
 
     from conftest import random_text
@@ -439,7 +499,7 @@ def test_gemma3_sentencepiece_vocabulary_tokenizes_as_transformers(tmp_path):
     n_vocab = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    cfg = Gemma3TextConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    cfg = Gemma3TextConfig(vocab_size=n_vocab + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
                            bos_token_id=2, eos_token_id=1, pad_token_id=0)
     folder = _save(Gemma3ForCausalLM(cfg).eval(), tmp_path / "model", tokenizer)
@@ -447,6 +507,7 @@ def test_gemma3_sentencepiece_vocabulary_tokenizes_as_transformers(tmp_path):
     kv = src.metadata
     assert kv["tokenizer.ggml.model"].value == "llama" and kv["tokenizer.ggml.add_space_prefix"].value is False
     out = write_gguf(src, preset_plan(src.model, "F32"), tmp_path / "vocab.gguf", progress=False).path
+    assert src.shape("token_embd.weight") == (n_vocab + 4, 64) and len(kv["tokenizer.ggml.tokens"].value) == n_vocab + 4
     text = tmp_path / "text.txt"
     text.write_text(random_text(600, 7) + "Zebra  quiz, 42 \u00e9t\u00e9 \u2603!\n", encoding="utf-8")
     done = subprocess.run([str(llama_tool("llama-tokenize")), "-m", str(out), "-f", str(text), "--ids", "--no-bos",

@@ -5,7 +5,8 @@ An adapter is registered under the Hugging Face class names of config.json's "ar
 and the config's model_type; GGUF sources find it by general.architecture. Every stage asks it:
 
 * source/export: `gguf_arch`, `gguf_name` (gguf's TensorNameMap), `to_gguf` (q/k permutation,
-  norm shift), `required_tensors`, `derived_tensors` (rope_freqs), `add_hparams`, `add_vocab`;
+  norm shift), `vocab_rows` (the token embedding's rows kept), `required_tensors`, `derived_tensors`
+  (rope_freqs), `add_hparams`, `add_vocab`;
 * evaluate/analyze: `parameters` (GGUF name -> transformers parameter), `from_gguf` (the inverse
   of `to_gguf`), `derived` (GGUF tensors with no parameter), `block_kwargs` (what one decoder
   layer call needs);
@@ -196,6 +197,12 @@ class Adapter:
         """Whether `to_gguf`/`from_gguf` change this tensor (a q/k permutation, a norm shift); when
         not, checkpoint and GGUF rows are the same and can be read or written a slice at a time."""
         return self._qk_heads(name, info) is not None or self._shifted(name)
+
+    def vocab_rows(self, src: HFSource, tokenizer: dict[str, Any]) -> int:
+        """The GGUF's vocabulary size: how many rows of the checkpoint's token embedding (and untied
+        output) it keeps, the first ones, and how many tokens its token list has (`tokenizer`:
+        tokenizer.json). All `vocab_size` rows unless the family's converter drops some."""
+        return src.vocab_size
 
     def delta_to_hf(self, name: str, d: np.ndarray, info: ModelInfo) -> np.ndarray:
         """A difference of two GGUF tensors in the transformers layout (no shift: it cancels)."""

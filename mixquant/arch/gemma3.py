@@ -1,7 +1,7 @@
 """Gemma 3, text only (convert_hf_to_gguf's Gemma3Model): RMS norms computing x * (1 + w) stored
 as 1 + w, q/k norms, norms after attention and FFN ("sandwich"), sliding-window and global layers
 with their own rope bases, the embedding scaled by sqrt(hidden) at run time (stored unscaled),
-a tied output."""
+a tied output; the token embedding's rows beyond the tokenizer's vocabulary dropped."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import gguf
 
+from ..errors import MixquantError
 from .base import Adapter, register
 
 if TYPE_CHECKING:
@@ -48,6 +49,20 @@ class Gemma3(Adapter):
             w.add_sliding_window(hp["sliding_window"])
         w.add_head_count_kv(hp.get("num_key_value_heads", 4))
 
+    def vocab_rows(self, src: HFSource, tokenizer: dict[str, Any]) -> int:
+        """Gemma3Model.modify_tensors cuts the token embedding to the tokenizer's size (checkpoints
+        with rows for tokens the tokenizer lacks, e.g. image tokens): from a tokenizer.json,
+        len(model.vocab) + len(added_tokens) rows, which counts twice an added token that is also
+        in the vocabulary (Gemma's own tokenizer.json lists them all there: no row is dropped);
+        with a tokenizer.model, its SentencePiece list padded to vocab_size, so none either."""
+        if (src.path / "tokenizer.model").is_file():
+            return src.vocab_size
+        vocab, added = tokenizer["model"]["vocab"], tokenizer.get("added_tokens", [])
+        if not isinstance(vocab, (dict, list)) or not isinstance(added, list):
+            raise MixquantError(f"{src.path / 'tokenizer.json'}: malformed tokenizer.json: model.vocab or "
+                                "added_tokens has the wrong type")
+        return min(src.vocab_size, len(vocab) + len(added))
+
     def add_vocab(self, w: GGUFWriter, src: HFSource, tokenizer_config: dict[str, Any]) -> None:
         """Gemma3Model.set_vocab reads tokenizer.model (SentencePiece); from a tokenizer.json that is
         SentencePiece's BPE (byte fallback), the same vocabulary: llama.cpp's "llama" tokenizer
@@ -55,7 +70,8 @@ class Gemma3(Adapter):
         score is minus its rank among the normal pieces (as in Google's own GGUF files); control
         and user-defined pieces -1000, bytes 0. Other tokenizers: GPT-2 BPE. On Gemma 3's
         vocabulary this gives the pieces and types of Google's GGUF exactly, and its scores in the
-        same order (all llama.cpp compares)."""
+        same order (all llama.cpp compares). As many tokens as the embedding keeps rows (`vocab_rows`;
+        the converter writes vocab_size tokens, which llama.cpp refuses when rows were dropped)."""
         from ..source import _read_json
 
         path = src.path / "tokenizer.json"
@@ -66,7 +82,8 @@ class Gemma3(Adapter):
             return
         vocab: dict[str, int] = model["vocab"]
         added = {int(t["id"]): t for t in tok.get("added_tokens", [])}
-        n = max(src.vocab_size, max(vocab.values()) + 1, max(added, default=-1) + 1)
+        src.check_token_ids(max(max(vocab.values()), max(added, default=-1)))
+        n = src.n_vocab
         tokens = [f"[PAD{i}]" for i in range(n)]
         types = [gguf.TokenType.UNUSED] * n
         scores = [-1000.0] * n

@@ -115,6 +115,9 @@ class StreamedModel:
         try:
             with quiet_transformers():
                 config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+                # the GGUF's vocabulary, as llama.cpp runs it: Gemma 3's drops embedding rows
+                # beyond the tokenizer's (the logits then have as many columns as llama.cpp's)
+                config.vocab_size = src.shape("token_embd.weight")[0]
                 with torch.device("meta"):
                     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - transformers raises anything on a bad config
