@@ -335,7 +335,10 @@ def _gptq_options(args: argparse.Namespace, sens=None):
     given = _gptq_given(args)
     if sens is None:
         return GptqOptions(**given)
-    measured = GptqOptions.recorded(sens.settings)
+    try:
+        measured = GptqOptions.recorded(sens.settings)
+    except MixquantError as exc:
+        raise MixquantError(f"{args.sensitivity}: {exc}") from None
     GptqOptions(**{**asdict(measured), **given})  # a bad flag gets its own error first
     wanted, had = GptqOptions(**given).flags(), measured.flags()
     differ = [name for name, value in given.items() if value != getattr(measured, name)]

@@ -354,13 +354,21 @@ class GptqOptions:
         """The options a sensitivity of method gptq was measured with (its `settings`). Files older
         than an option were measured without it (natural order, no resweeps); a file older than the
         refit records no "refit" and is read as today's default, which may not be what it measured."""
-        return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
+        recorded = {f.name: settings[f.name] for f in fields(cls) if f.name in settings}
+        for name, value in recorded.items():
+            kind = type(getattr(cls, name))  # the default's: float, bool or int
+            valid = isinstance(value, bool) if kind is bool else \
+                not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+            if not valid:
+                what = {float: "a number", bool: "true or false", int: "a whole number"}[kind]
+                raise MixquantError(f"settings.{name} is {value!r}, not {what}")
+        return cls(**recorded)
 
     def flags(self) -> dict[str, str]:
         """Each option as its command-line flag: {"damp": "--gptq-damp 0.01", ...}."""
         return {"act_order": f"--gptq-order {'act' if self.act_order else 'natural'}",
                 "refit": "--gptq-refit" if self.refit else "--no-gptq-refit",
-                "damp": f"--gptq-damp {self.damp:g}", "resweeps": f"--gptq-resweeps {self.resweeps}"}
+                "damp": f"--gptq-damp {float(self.damp)!r}", "resweeps": f"--gptq-resweeps {self.resweeps}"}
 
 
 @dataclass(frozen=True)
