@@ -339,8 +339,7 @@ def _gptq_options(args: argparse.Namespace, sens=None):
         measured = GptqOptions.recorded(sens.settings)
     except MixquantError as exc:
         raise MixquantError(f"{args.sensitivity}: {exc}") from None
-    GptqOptions(**{**asdict(measured), **given})  # a bad flag gets its own error first
-    wanted, had = GptqOptions(**given).flags(), measured.flags()
+    wanted, had = GptqOptions(**given).flags(), measured.flags()  # a bad flag gets its own error first
     differ = [name for name, value in given.items() if value != getattr(measured, name)]
     if differ:
         raise MixquantError(f"{args.sensitivity}: measured with {' '.join(had[n] for n in differ)}, but this "
@@ -705,8 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for quantize --method gptq: sum of cols^2 x 8 bytes, refused over 4 GiB)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="the rounding every candidate is measured with, as quantize --method writes it: rtn "
-                   "(default) or gptq (with the Hessians this run calibrates, or --hessians); quantize --target-* "
-                   "needs the same --method")
+                   "(default) or gptq (with the Hessians this run calibrates, or --hessians, and the --gptq-* "
+                   "options); quantize --target-* needs the same --method, and writes with the same --gptq-* options")
     p.add_argument("--hessians", metavar="FILE", help="for --method gptq: these Hessians instead of calibrating them")
     _gptq_flags(p)
     p.add_argument("--threads", type=int, default=None)
