@@ -18,8 +18,8 @@ On a bundled test model (`--model`: smollm2, SmolLM2-135M, the default; or gemma
 
 `--method gptq` (or `rtn,gptq` for both side by side): mixquant's plans are analysed with
 `mixquant analyze --method gptq` (every candidate's damage measured with GPTQ's rounding, in
-`<analysis>-gptq`) and written with it (`quantize --method gptq`, the analysis's Hessians); such a
-plan is evaluated from its written GGUF. The presets stay llama.cpp's (llama-imatrix's imatrix).
+`<analysis>-gptq`) and written with it (`quantize --method gptq`, the analysis's Hessians and the GPTQ
+options its sensitivity records); such a plan is evaluated from its written GGUF. The presets stay llama.cpp's (llama-imatrix's imatrix).
 `--method awq+gptq`: the plan allocated on that gptq analysis, then AWQ's scales searched for it and
 the plan written with awq+gptq (as `quantize --target-* --method awq+gptq`).
 `--analyze-args "--chunks 32"` passes settings to the analyses this bench runs.
@@ -251,18 +251,22 @@ def main() -> int:
             f"{100 * fit['within_factor_2_without_type_factors']:.0f}%)")
     # (kind, label prefix, sensitivity, importance, quantizer): what mixquant is run with
     methods = []
+    gptq_options = {}  # kind -> GPTQ's options its analysis recorded: the bytes written are those measured
     for m in mix_methods:
+        kind = "mixquant" if m == "rtn" else f"mixquant-{m}"
+        imp, sn = analyses[ANALYSED_WITH[m]]
         # the quantizer: None (rtn), gptq's, or for awq+gptq the Hessians its scales are searched with
         quantizer = None
         if m != "rtn":
-            from mixquant.hessians import Hessians
-            from mixquant.quantize import HessianQuantizer
+            from dataclasses import asdict
 
+            from mixquant.hessians import Hessians
+            from mixquant.quantize import GptqOptions, HessianQuantizer
+
+            gptq_options[kind] = asdict(GptqOptions.recorded(sn.settings))
             quantizer = Hessians.load(analysis_folder(args, ANALYSED_WITH[m]) / "hessians.safetensors")
             if m == "gptq":
-                quantizer = HessianQuantizer(quantizer, info)
-        kind = "mixquant" if m == "rtn" else f"mixquant-{m}"
-        imp, sn = analyses[ANALYSED_WITH[m]]
+                quantizer = HessianQuantizer(quantizer, info, **gptq_options[kind])
         methods.append((kind, kind, sn, imp, quantizer))
 
     referee = Referee(args, source, eval_text) if args.referee else None
@@ -296,7 +300,7 @@ def main() -> int:
                         from mixquant.quantize.awq import prepare
 
                         awq = prepare(source, dict(pl.types), quantizer, im.as_dict(), "awq+gptq",
-                                      threads=args.threads or 2)
+                                      threads=args.threads or 2, gptq_options=gptq_options[kind])
                         log(f"  {label}: {awq.scales.summary()}")
                         written, im, quantizer = awq.source, awq.importance, awq.quantizer
                     path, res = write_plan(written, args.out, label, pl, im, quantizer)

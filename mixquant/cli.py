@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, suppress
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -119,30 +120,35 @@ def _rules(args: argparse.Namespace):
 _ON_THE_FLY_CHUNKS = 64
 
 
-def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool, hessians=None):
-    """(sensitivity, imatrix): --sensitivity; for an allocation without one, --text analysed on the
-    fly as `mixquant analyze` would (calibrating an imatrix there too unless --imatrix gives one),
-    with --method's rounding (gptq: through `hessians`); else no sensitivity.
+def _read_sensitivity(args: argparse.Namespace, source, allocating: bool):
+    """--sensitivity's file (None without one), checked against the model.
 
     An allocation refuses a sensitivity measured with another rounding than the one --method writes
     (`_allocated_rounding`): its damages are those of the other method's bytes (files without the
-    field are rtn's)."""
-    from .analyze import Sensitivity, analyze
+    field are rtn's). Its GPTQ options are checked by `_gptq_options`."""
+    from .analyze import Sensitivity
+
+    if not args.sensitivity:
+        return None
+    sens = Sensitivity.load(args.sensitivity)
+    sens.check_model(source.model, args.sensitivity)
+    measured, rounding = sens.settings.get("method", "rtn"), _allocated_rounding(args.method)
+    if allocating and measured != rounding:
+        writes = f"--method {args.method}" + (f" (allocated on {rounding} damages)" if rounding != args.method
+                                              else "")
+        raise MixquantError(f"{args.sensitivity}: measured with --method {measured}, but this allocation writes "
+                            f"{writes}; give --method {measured}, or analyse with --method {rounding}")
+    return sens
+
+
+def _sensitivity(args: argparse.Namespace, source, imatrix, hessians=None, gptq_options=None):
+    """(sensitivity, imatrix) for an allocation without --sensitivity: --text analysed on the fly as
+    `mixquant analyze` would (calibrating an imatrix there too unless --imatrix gives one), with
+    --method's rounding (gptq: through `hessians`, with the `gptq_options` the file is written with)."""
+    from .analyze import analyze
     from .calibrate import calibrate
     from .text import read_text
 
-    if args.sensitivity:
-        sens = Sensitivity.load(args.sensitivity)
-        sens.check_model(source.model, args.sensitivity)
-        measured, rounding = sens.settings.get("method", "rtn"), _allocated_rounding(args.method)
-        if allocating and measured != rounding:
-            writes = f"--method {args.method}" + (f" (allocated on {rounding} damages)" if rounding != args.method
-                                                  else "")
-            raise MixquantError(f"{args.sensitivity}: measured with --method {measured}, but this allocation writes "
-                                f"{writes}; give --method {measured}, or analyse with --method {rounding}")
-        return sens, imatrix
-    if not allocating:
-        return None, imatrix
     if not args.text:
         raise MixquantError(f"{'/'.join(_TARGETS.values())} need --sensitivity FILE (from mixquant analyze) "
                             "or --text CALIB.txt")
@@ -153,9 +159,10 @@ def _sensitivity(args: argparse.Namespace, source, imatrix, allocating: bool, he
                                 dataset=str(args.text), activations=False, output_importance=True,
                                 **_runtime(args)).imatrix
             print(f"imatrix: calibrated on {imatrix.chunks} chunks of {args.text}", file=sys.stderr)
-        rounding = _allocated_rounding(args.method)
+        gptq = _allocated_rounding(args.method) == "gptq"
         sens = analyze(source, imatrix, text=args.text, fisher=True, threads=args.threads, progress=progress,
-                       method=rounding, hessians=hessians if rounding == "gptq" else None, **_runtime(args))
+                       method=_allocated_rounding(args.method), hessians=hessians if gptq else None,
+                       gptq_options=gptq_options if gptq else None, **_runtime(args))
     except MixquantError as exc:
         raise MixquantError(f"analysing --text {args.text} on the fly: {exc}") from None
     return sens, imatrix
@@ -240,10 +247,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if not args.dry_run:  # before any long work: the output path is usable and overwrites no input
             check_output(args.out, [source.path, args.imatrix, args.sensitivity, args.text, args.recipe,
                                     args.hessians])
+        sens = _read_sensitivity(args, source, allocating=bool(targets))
+        options = _gptq_options(args, sens if targets and _allocated_rounding(args.method) == "gptq" else None) \
+            if gptq or awq else None
         quantizer = hessians = None
         if (gptq or awq) and not args.dry_run:
-            quantizer, hessians, imatrix = _gptq_quantizer(args, source, imatrix)
-        sens, imatrix = _sensitivity(args, source, imatrix, allocating=bool(targets), hessians=hessians)
+            quantizer, hessians, imatrix = _gptq_quantizer(args, source, imatrix, options)
+        if sens is None and targets:
+            sens, imatrix = _sensitivity(args, source, imatrix, hessians, options)
         if targets:
             plan = _allocated_plan(args, source, sens)
         elif args.recipe is not None:
@@ -270,7 +281,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             if targets:
                 print(f"awq: the plan was allocated on {_allocated_rounding(args.method)} damages; the scales are "
                       "searched for it", file=sys.stderr)
-            written, importance, quantizer = _awq(args, source, plan, hessians, importance)
+            written, importance, quantizer = _awq(args, source, plan, hessians, importance, options)
         result = write_gguf(written, plan, args.out, importance=importance, threads=args.threads,
                             progress=sys.stderr.isatty(), file_type=args.type, quantizer=quantizer)
     if quantizer is not None:
@@ -280,45 +291,74 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _awq(args: argparse.Namespace, source, plan, hessians, importance):
+def _awq(args: argparse.Namespace, source, plan, hessians, importance, options):
     """--method awq / awq+gptq: the scales searched for this plan, and (the source with them folded
     in, the imatrix they imply, the quantizer: GPTQ on the scaled Hessians, or None)."""
     from .quantize.awq import prepare
 
     awq = prepare(source, dict(plan.types), hessians, importance, args.method, grid=args.awq_grid,
-                  threads=args.threads, progress=sys.stderr.isatty(), gptq_options=_gptq_options(args))
+                  threads=args.threads, progress=sys.stderr.isatty(), gptq_options=asdict(options))
     print(awq.scales.summary(), file=sys.stderr)
     return awq.source, awq.importance, awq.quantizer
 
 
-def _gptq_options(args: argparse.Namespace) -> dict[str, Any]:
-    """HessianQuantizer's options from --gptq-order/-refit/-damp/-resweeps (gptq's defaults where not given)."""
-    if args.gptq_damp is not None and not 0 <= args.gptq_damp < math.inf:  # NaN and inf fail too
-        raise MixquantError(f"--gptq-damp must be a finite fraction >= 0, got {args.gptq_damp}")
-    options: dict[str, Any] = {"act_order": args.gptq_order == "act"}
-    if args.gptq_refit is not None:  # else gptq's defaults
-        options["refit"] = args.gptq_refit
-    if args.gptq_damp is not None:
-        options["damp"] = args.gptq_damp
-    if args.gptq_resweeps:
-        if args.gptq_resweeps < 0 or args.gptq_refit is False:
-            raise MixquantError(f"--gptq-resweeps takes a count >= 0 and the refit, got {args.gptq_resweeps}"
-                                + (" with --no-gptq-refit" if args.gptq_refit is False else ""))
-        options["resweeps"] = args.gptq_resweeps
-    return options
+def _gptq_flags(p: argparse.ArgumentParser) -> None:
+    """--gptq-order/-refit/-resweeps/-damp (`GptqOptions`; None where not given)."""
+    p.add_argument("--gptq-order", choices=("natural", "act"),
+                   help="gptq column order: natural (default): left to right, each block fitted when the sweep "
+                        "reaches it; act: static groups, every block fitted first, columns by descending input "
+                        "energy (lower KLD at Q4_K_M and Q3_K_M with natural, measured)")
+    p.add_argument("--gptq-refit", action=argparse.BooleanOptionalAction,
+                   help="gptq: afterwards refit each block's stored scales (float16 d/dmin, integer sub-block "
+                        "scales and mins) given its codes, where that lowers the Hessian-weighted error "
+                        "(default: on)")
+    p.add_argument("--gptq-resweeps", type=int, metavar="N",
+                   help="gptq with the refit: N more sweeps with the refitted scales frozen, each refitted "
+                        "again, a row kept where its error went down (default 0)")
+    p.add_argument("--gptq-damp", type=float, metavar="FRACTION",
+                   help="gptq: damping added to H's diagonal, as a fraction of its mean (default 0.01)")
 
 
-def _gptq_quantizer(args: argparse.Namespace, source, imatrix):
+def _gptq_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The `GptqOptions` fields --gptq-order/-refit/-damp/-resweeps give (those not given left out)."""
+    given = {"act_order": None if args.gptq_order is None else args.gptq_order == "act", "refit": args.gptq_refit,
+             "damp": args.gptq_damp, "resweeps": args.gptq_resweeps}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _gptq_options(args: argparse.Namespace, sens=None):
+    """GPTQ's options: the flags given, gptq's defaults for the rest; for an allocation on the gptq
+    damages of `sens`, the options it was measured with (so the file holds the bytes they were
+    measured on), refusing a flag that differs from them."""
+    from .quantize import GptqOptions
+
+    given = _gptq_given(args)
+    if sens is None:
+        return GptqOptions(**given)
+    try:
+        measured = GptqOptions.recorded(sens.settings)
+    except MixquantError as exc:
+        raise MixquantError(f"{args.sensitivity}: {exc}") from None
+    wanted, had = GptqOptions(**given).flags(), measured.flags()  # a bad flag gets its own error first
+    differ = [name for name, value in given.items() if value != getattr(measured, name)]
+    if differ:
+        raise MixquantError(f"{args.sensitivity}: measured with {' '.join(had[n] for n in differ)}, but this "
+                            f"allocation writes {' '.join(wanted[n] for n in differ)}; leave "
+                            f"{'them' if len(differ) > 1 else 'it'} out to write what was measured, or analyse "
+                            f"with {' '.join(wanted[n] for n in differ)}")
+    print(f"gptq: rounding as {args.sensitivity} was measured: {' '.join(had.values())}", file=sys.stderr)
+    return measured
+
+
+def _gptq_quantizer(args: argparse.Namespace, source, imatrix, options):
     """(HessianQuantizer or None, Hessians, imatrix) for --method gptq/awq/awq+gptq: --hessians FILE, or
     --text calibrated on the fly (which also gives the imatrix unless --imatrix did). The quantizer is
     --method gptq's (AWQ's comes with its scales); it checks the Hessians fit the model."""
     from .hessians import Hessians
     from .quantize import HessianQuantizer
 
-    options = _gptq_options(args)
-
     def made(hessians):
-        quantizer = HessianQuantizer(hessians, source.model, **options)
+        quantizer = HessianQuantizer(hessians, source.model, **asdict(options))
         return (quantizer if args.method == "gptq" else None), hessians
 
     if args.hessians:
@@ -357,6 +397,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     gptq = args.method == "gptq"
     if args.hessians and not gptq:
         raise MixquantError("--hessians goes with --method gptq")
+    given = [f"--{'no-' if v is False else ''}{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k.startswith("gptq_") and v is not None]
+    if given and not gptq:
+        raise MixquantError(f"{given[0]} goes with --method gptq")
+    gptq_options = _gptq_options(args) if gptq else None
     if gptq and args.no_hessians and not args.hessians:
         raise MixquantError("--method gptq rounds with the Hessians this run calibrates: leave out --no-hessians, "
                             "or give --hessians FILE")
@@ -397,7 +442,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         sens = analyze(source, imatrix, text=text, types=types,
                        n_windows=args.windows, fisher=not args.no_fisher, layer_sweep_types=sweep,
                        threads=args.threads, progress=progress, ray=args.ray, state_dir=out / ".measure",
-                       resume=args.resume, method=args.method, hessians=hessians, **_runtime(args))
+                       resume=args.resume, method=args.method, hessians=hessians, gptq_options=gptq_options,
+                       **_runtime(args))
         sens.save(out / "sensitivity.json")
         st = sens.settings
         timings.update({
@@ -624,19 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--hessians) for --method gptq, awq, awq+gptq")
     p.add_argument("--awq-grid", type=int, default=20, metavar="N",
                    help="awq: alphas searched, 0, 1/N, ..., (N-1)/N (default 20)")
-    p.add_argument("--gptq-order", choices=("natural", "act"), default="natural",
-                   help="gptq column order: natural (default): left to right, each block fitted when the sweep "
-                        "reaches it; act: static groups, every block fitted first, columns by descending input "
-                        "energy (lower KLD at Q4_K_M and Q3_K_M with natural, measured)")
-    p.add_argument("--gptq-refit", action=argparse.BooleanOptionalAction,
-                   help="gptq: afterwards refit each block's stored scales (float16 d/dmin, integer sub-block "
-                        "scales and mins) given its codes, where that lowers the Hessian-weighted error "
-                        "(default: on)")
-    p.add_argument("--gptq-resweeps", type=int, default=0, metavar="N",
-                   help="gptq with the refit: N more sweeps with the refitted scales frozen, each refitted "
-                        "again, a row kept where its error went down (default 0)")
-    p.add_argument("--gptq-damp", type=float, metavar="FRACTION",
-                   help="gptq: damping added to H's diagonal, as a fraction of its mean (default 0.01)")
+    _gptq_flags(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
     p.add_argument("--imatrix", help="importance matrix (llama-imatrix .gguf or legacy .dat)")
@@ -670,9 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "for quantize --method gptq: sum of cols^2 x 8 bytes, refused over 4 GiB)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="the rounding every candidate is measured with, as quantize --method writes it: rtn "
-                   "(default) or gptq (with the Hessians this run calibrates, or --hessians); quantize --target-* "
-                   "needs the same --method")
+                   "(default) or gptq (with the Hessians this run calibrates, or --hessians, and the --gptq-* "
+                   "options); quantize --target-* needs the same --method, and writes with the same --gptq-* options")
     p.add_argument("--hessians", metavar="FILE", help="for --method gptq: these Hessians instead of calibrating them")
+    _gptq_flags(p)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run the measurement as Ray tasks: on the cluster at ADDRESS (HOST:PORT or auto), or on a "

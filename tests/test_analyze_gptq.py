@@ -1,8 +1,11 @@
 """analyze --method gptq: every candidate quantized with GPTQ's rounding through the run's Hessians,
-on a tiny random llama; rtn's numbers unchanged; the method recorded, and an allocation of
-another method refused."""
+on a tiny random llama; rtn's numbers unchanged; the method and GPTQ's options recorded, an
+allocation of another method refused, and one without --gptq-* flags written with the options
+its damages were measured with."""
 
 import json
+import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from mixquant.text import read_text
 from conftest import run_quantize as run
 
 TYPES = ["Q4_0", "Q5_1", "Q4_K"]
+OPTIONS = {"damp": 0.1, "act_order": True, "refit": gptq.DEFAULT_REFIT, "resweeps": 0}  # not the defaults
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +44,12 @@ def tiny(tmp_path_factory):
             for m in ("rtn", "gptq")}
     for m, s in sens.items():
         s.save(root / f"sensitivity-{m}.json")
+    # predicted error only, with GPTQ's options other than the defaults
+    options = analyze(model, cal.imatrix, method="gptq", hessians=hess, gptq_options=OPTIONS,
+                      **{**common, "measure": "none", "fisher": False})
+    options.save(root / "sensitivity-options.json")
     return {"root": root, "model": model, "text": text, "imatrix": cal.imatrix, "hessians": Hessians.load(hess),
-            "sens": sens}
+            "sens": sens, "options": options}
 
 
 def _pairs(tiny):
@@ -176,3 +184,134 @@ def test_cli_analyze_gptq_then_allocate_with_it(tiny, tmp_path, capsys):
     assert "--hessians goes with --method gptq" in capsys.readouterr().err
     assert json.loads((folder / "sensitivity.json").read_text())["settings"]["method"] == "gptq"
     assert Path(folder / "hessians.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# GPTQ's options: measured with, recorded, and written with
+
+
+def test_options_are_recorded_and_measured_with(tiny):
+    """analyze(gptq_options=...) rounds every candidate with them and records every one."""
+    assert {k: tiny["sens"]["gptq"].settings[k] for k in ("damp", "act_order", "refit", "resweeps")} == \
+        asdict(gptq.GptqOptions()) == {"damp": 0.01, "act_order": False, "refit": gptq.DEFAULT_REFIT, "resweeps": 0}
+    sens = tiny["options"]
+    assert {k: sens.settings[k] for k in ("damp", "act_order", "refit", "resweeps")} == OPTIONS
+    changed = 0
+    for name, typ, w, imp, h in _pairs(tiny):
+        q = formats.dequantize(gptq.quantize(w, typ, h, imp, **OPTIONS), typ, w.shape)
+        assert sens.tensors[name].types[typ].predicted == predicted_error(w, q, imp, hessian=h), (name, typ)
+        changed += sens.tensors[name].types[typ].predicted != tiny["sens"]["gptq"].tensors[name].types[typ].predicted
+    assert changed > 30
+    with pytest.raises(MixquantError, match="GPTQ's options go with method 'gptq'"):
+        analyze(tiny["model"], tiny["imatrix"], measure="none", gptq_options={"damp": 0.1})
+    with pytest.raises(MixquantError, match="--gptq-damp must be a finite fraction"):
+        analyze(tiny["model"], tiny["imatrix"], measure="none", method="gptq", hessians=tiny["hessians"],
+                gptq_options={"damp": -1.0})
+
+
+def test_resume_fingerprint_includes_every_option(tiny):
+    with open_source(tiny["model"]) as src:
+        base = dict(src=src, plan=[], sweep_types=[], importance={}, ref=None, hessians=tiny["hessians"])
+        default = {"method": "gptq", **asdict(gptq.GptqOptions())}
+        prints = {_fingerprint(settings=default, **base)}
+        for name, value in {"damp": 0.1, "act_order": True, "refit": not gptq.DEFAULT_REFIT, "resweeps": 2}.items():
+            prints.add(_fingerprint(settings={**default, name: value}, **base))
+        assert len(prints) == 5
+
+
+def test_a_file_older_than_the_options_reads_as_measured_then():
+    """damp was always recorded; order and resweeps were natural and 0; a missing refit is today's default."""
+    assert gptq.GptqOptions.recorded({"method": "gptq", "damp": 0.01}) == gptq.GptqOptions()
+    assert gptq.GptqOptions.recorded({"damp": 0.05, "act_order": True, "refit": False, "resweeps": 0}) == \
+        gptq.GptqOptions(damp=0.05, act_order=True, refit=False)
+    for bad, message in [({"damp": "0.01"}, "settings.damp is '0.01', not a number"),
+                         ({"refit": 1}, "settings.refit is 1, not true or false"),
+                         ({"resweeps": 1.5}, "settings.resweeps is 1.5, not a whole number"),
+                         ({"damp": -1}, "--gptq-damp must be a finite fraction >= 0, got -1")]:
+        with pytest.raises(MixquantError, match=re.escape(message)):
+            gptq.GptqOptions.recorded(bad)
+
+
+def _gguf_tensors(path):
+    from gguf import GGUFReader
+
+    return {t.name: (t.tensor_type.name, bytes(t.data)) for t in GGUFReader(path).tensors}
+
+
+def _assert_rounded_with(path, tiny, options):
+    """Every tensor of the GGUF `path` with a Hessian and a type of TYPES holds gptq.quantize's bytes
+    with `options` (and the tiny imatrix's importance)."""
+    rounded = 0
+    with open_source(tiny["model"]) as src:
+        for name, (typ, data) in _gguf_tensors(path).items():
+            key = input_of(name, tied_output=True)
+            if typ in TYPES and key in tiny["hessians"]:
+                w = np.ascontiguousarray(src.tensor(name), dtype=np.float32).reshape(-1, src.tensor(name).shape[-1])
+                h, imp = tiny["hessians"].matrix(key), tiny["imatrix"].importance(name)
+                assert data == gptq.quantize(w, typ, h, imp, **options), name
+                rounded += 1
+    assert rounded >= 5, rounded
+
+
+def test_allocation_writes_with_the_options_it_was_measured_with(tiny, tmp_path, capsys):
+    """No --gptq-* flag: the sensitivity's options, the same bytes as with those flags given, and as
+    gptq.quantize with them; a flag that differs is refused in one line, nothing written."""
+    root, model = tiny["root"], tiny["model"]
+    sens = root / "sensitivity-options.json"
+    imatrix = tmp_path / "imatrix.gguf"
+    write_imatrix(tiny["imatrix"], imatrix)
+    common = ["--target-bpw", "6", "--sensitivity", sens, "--hessians", root / "hessians.safetensors",
+              "--imatrix", imatrix, "--threads", "1"]
+    adopted, explicit = tmp_path / "adopted.gguf", tmp_path / "explicit.gguf"
+    rc, err = run(capsys, model, adopted, "--method", "gptq", *common)
+    assert rc == 0, err
+    assert f"gptq: rounding as {sens} was measured: --gptq-order act --gptq-refit --gptq-damp 0.1 " \
+           "--gptq-resweeps 0\n" in err
+    rc, err = run(capsys, model, explicit, "--method", "gptq", "--gptq-damp", "0.1", "--gptq-order", "act", *common)
+    assert rc == 0, err
+    assert _gguf_tensors(adopted) == _gguf_tensors(explicit)
+    _assert_rounded_with(adopted, tiny, OPTIONS)
+
+    for method, flags, message in [
+        ("gptq", ["--gptq-damp", "0.01"], "measured with --gptq-damp 0.1, but this allocation writes --gptq-damp 0.01; "
+                                          "leave it out to write what was measured, or analyse with --gptq-damp 0.01"),
+        ("awq+gptq", ["--gptq-order", "natural", "--no-gptq-refit"],
+         "measured with --gptq-order act --gptq-refit, but this allocation writes --gptq-order natural "
+         "--no-gptq-refit; leave them out to write what was measured, or analyse with --gptq-order natural "
+         "--no-gptq-refit")]:
+        out = tmp_path / f"refused-{method}.gguf"
+        rc, err = run(capsys, model, out, "--method", method, *flags, *common)
+        assert rc == 1 and err == f"mixquant: error: {sens}: {message}\n", err
+        assert not list(tmp_path.glob("refused*"))
+
+
+def test_analysing_on_the_fly_uses_the_options_it_writes_with(tiny, tmp_path, capsys, monkeypatch):
+    """quantize --target-* --text (no --sensitivity) analyses with the --gptq-* flags it writes with."""
+    import mixquant.analyze
+
+    analysed = []
+
+    def fewer_types(*args, **kwargs):  # the on-the-fly analysis itself, on TYPES only (test time)
+        analysed.append(real(*args, **{**kwargs, "types": TYPES}))
+        return analysed[-1]
+
+    real = mixquant.analyze.analyze
+    monkeypatch.setattr(mixquant.analyze, "analyze", fewer_types)
+    imatrix = tmp_path / "imatrix.gguf"
+    write_imatrix(tiny["imatrix"], imatrix)
+    out = tmp_path / "fly.gguf"
+    rc, err = run(capsys, tiny["model"], out, "--target-bpw", "6", "--method", "gptq", "--text", tiny["text"],
+                  "--hessians", tiny["root"] / "hessians.safetensors", "--imatrix", imatrix, "--gptq-damp", "0.1",
+                  "--gptq-order", "act", "--threads", "1")
+    assert rc == 0, err
+    assert [{k: s.settings[k] for k in OPTIONS} for s in analysed] == [OPTIONS]
+    _assert_rounded_with(out, tiny, OPTIONS)
+
+
+def test_analyze_refuses_gptq_flags_without_gptq(tiny, tmp_path, capsys):
+    folder = tmp_path / "a"
+    for flags, flag in [(["--gptq-damp", "0.1"], "--gptq-damp"), (["--no-gptq-refit"], "--no-gptq-refit")]:
+        rc = main(["analyze", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(folder), *flags])
+        err = capsys.readouterr().err
+        assert rc == 1 and err == f"mixquant: error: {flag} goes with --method gptq\n", err
+        assert not folder.exists()

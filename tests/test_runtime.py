@@ -211,6 +211,16 @@ def test_ray_analysis_equals_serial(tiny):
     spread = analyze(folder, None, ray="local", **kw)
     assert _damages(spread) == _damages(serial)
     assert [(x.layer, x.kld) for x in spread.layer_sweep] == [(x.layer, x.kld) for x in serial.layer_sweep]
+    # gptq: the workers read the Hessians file and round with the analysis's GPTQ options
+    from mixquant.calibrate import calibrate
+    from mixquant.text import read_text
+
+    hessians = calibrate(folder, read_text(text), 48, 4, progress=False, activations=False,
+                         hessians=True).hessians.save(folder.parent / "hessians.safetensors")
+    kw.update(measure="none", layer_sweep_types=[], method="gptq", hessians=hessians)
+    serial = analyze(folder, None, gptq_options={"damp": 0.1, "act_order": True}, **kw)
+    spread = analyze(folder, None, ray="local", gptq_options={"damp": 0.1, "act_order": True}, **kw)
+    assert _damages(spread) == _damages(serial) != _damages(analyze(folder, None, **kw))
 
 
 def test_devices_and_dtypes(tiny):

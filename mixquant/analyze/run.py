@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
 
@@ -22,7 +22,7 @@ import numpy as np
 from ..calibrate import Distribution, weight_distribution, weight_distribution_rows
 from ..errors import MixquantError
 from ..plan import layer_of
-from ..quantize.gptq import DEFAULT_DAMP
+from ..quantize.gptq import GptqOptions
 from ..runtime import RowSlices, StreamedModel
 from ..runtime.model import SLICED_BYTES, slice_rows
 from .measure import Measurer, Reference, Swap, measurement_windows, reference_pass, unit_of
@@ -104,6 +104,7 @@ def analyze(
     resume: bool = False,
     method: str = "rtn",
     hessians: Hessians | str | os.PathLike[str] | None = None,
+    gptq_options: GptqOptions | Mapping[str, Any] | None = None,
 ) -> Sensitivity:
     """Sensitivity of every tensor of `source` (a Hugging Face folder, or a `Source`) to every type.
 
@@ -144,6 +145,9 @@ def analyze(
         With "gptq" the predicted error is H-weighted (`predicted_error`'s `hessian`), and
         `settings["method"]` records it (`quantize --target-*` refuses a sensitivity of another method).
     hessians: the inputs' Hessians for "gptq" (a `Hessians`, or a hessians.safetensors file).
+    gptq_options: GPTQ's options for "gptq" (a `GptqOptions`, or {"damp": 0.1, ...} by its field
+        names; default GPTQ's defaults), as `quantize --method gptq --gptq-*` takes them; every one
+        is recorded in `settings` (damp, act_order, refit, resweeps) and in --resume's fingerprint.
     """
     import torch
 
@@ -157,6 +161,10 @@ def analyze(
     src = source if isinstance(source, Source) else open_source(source)
     info = src.model
     hess = _method_hessians(method, hessians, info, ray)
+    if gptq_options is not None and method != "gptq":
+        raise MixquantError("GPTQ's options go with method 'gptq'")
+    options = None if hess is None else gptq_options if isinstance(gptq_options, GptqOptions) \
+        else GptqOptions(**(gptq_options or {}))
     by_name = {t.name: t for t in info.tensors}
     if tensors is None:
         selected = [t.name for t in info.tensors]
@@ -185,7 +193,7 @@ def analyze(
     settings: dict[str, Any] = {"measure": measure, "types": type_list, "threads": threads, "fisher": fisher,
                                 "layer_sweep_types": sweep_types, "dtype": str(dtype or "float32"), "method": method}
     if hess is not None:
-        settings.update(damp=DEFAULT_DAMP, hessians=None if hess.path is None else str(hess.path))
+        settings.update(asdict(options), hessians=None if hess.path is None else str(hess.path))
     reference = None
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, saved_threads)
@@ -246,7 +254,7 @@ def analyze(
                            runtime={"max_memory": max_memory, "device": device, "dtype": dtype},
                            reference=None if measurer is None else measurer.ref,
                            token=_register(src, measurer, hess), method=method,
-                           hessians=None if hess is None or hess.path is None else str(hess.path))
+                           hessians=None if hess is None or hess.path is None else str(hess.path), gptq=options)
         tm = time.perf_counter()
         try:
             from ..runtime.executor import execute
@@ -318,6 +326,7 @@ class _Context:
     token: str  # the measurer already built in this process, if any
     method: str = "rtn"
     hessians: str | None = None  # the Hessians file, for another process (method "gptq")
+    gptq: GptqOptions | None = None  # method "gptq"'s options
 
 
 _PROCESS: dict[str, Measurer | None] = {}  # token -> this process's measurer (built on first use)
@@ -369,7 +378,7 @@ class _Rounding:
         if ctx.method == "gptq":
             if ctx.token not in _HESSIANS:
                 _HESSIANS[ctx.token] = Hessians.load(ctx.hessians)
-            self.gptq = HessianQuantizer(_HESSIANS[ctx.token], info, DEFAULT_DAMP, threads=ctx.threads,
+            self.gptq = HessianQuantizer(_HESSIANS[ctx.token], info, **asdict(ctx.gptq), threads=ctx.threads,
                                          keep_factors=True)
 
     def hessian(self, name: str) -> np.ndarray | None:
@@ -614,7 +623,7 @@ def _fingerprint(src: Source, settings: dict[str, Any], plan: list, sweep_types:
         st = Path(f).stat()
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     keep = {k: settings.get(k) for k in ("measure", "types", "fisher", "dtype", "windows", "ctx", "score_from",
-                                         "method", "damp")}
+                                         "method", *(f.name for f in fields(GptqOptions)))}
     h.update(json.dumps([keep, plan, sweep_types], sort_keys=True, default=str).encode())
     for name in sorted(importance):
         h.update(name.encode())

@@ -8,6 +8,6 @@ The bytes are ordinary GGUF blocks; only the integer codes (and the block parame
 the error-updated weights) differ from llama-quantize's.
 """
 
-from .gptq import METHODS, HessianQuantizer, output_error, quantize
+from .gptq import METHODS, GptqOptions, HessianQuantizer, output_error, quantize
 
-__all__ = ["METHODS", "HessianQuantizer", "output_error", "quantize"]
+__all__ = ["METHODS", "GptqOptions", "HessianQuantizer", "output_error", "quantize"]

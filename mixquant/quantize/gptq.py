@@ -24,8 +24,10 @@ The per-column work runs in numba over all rows; Python only loops over blocks.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
 import numpy as np
 from numba import njit, prange
@@ -327,6 +329,46 @@ def _value_params(codec: Codec, fr, data: np.ndarray) -> tuple[np.ndarray, np.nd
     v1 = codec.dequantize_rows(fr.layout.pack(full * c1, data)).astype(np.float64)
     s = (v1 - v0) / (fr.values[c1] - fr.values[c0])
     return s, v0 - s * fr.values[c0]
+
+
+@dataclass(frozen=True)
+class GptqOptions:
+    """GPTQ's options, the one place their names and defaults live: `HessianQuantizer(hessians,
+    model, **asdict(options))`, `quantize --method gptq --gptq-*`, `analyze(..., gptq_options=)`
+    (recorded in a sensitivity's settings under these names). Errors name the command-line flags."""
+
+    damp: float = DEFAULT_DAMP
+    act_order: bool = False
+    refit: bool = DEFAULT_REFIT
+    resweeps: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < math.inf:  # NaN and inf fail too
+            raise MixquantError(f"--gptq-damp must be a finite fraction >= 0, got {self.damp}")
+        if self.resweeps and (self.resweeps < 0 or not self.refit):
+            raise MixquantError(f"--gptq-resweeps takes a count >= 0 and the refit, got {self.resweeps}"
+                                + ("" if self.refit else " with --no-gptq-refit"))
+
+    @classmethod
+    def recorded(cls, settings: Mapping[str, Any]) -> GptqOptions:
+        """The options a sensitivity of method gptq was measured with (its `settings`). Files older
+        than an option were measured without it (natural order, no resweeps); a file older than the
+        refit records no "refit" and is read as today's default, which may not be what it measured."""
+        recorded = {f.name: settings[f.name] for f in fields(cls) if f.name in settings}
+        for name, value in recorded.items():
+            kind = type(getattr(cls, name))  # the default's: float, bool or int
+            valid = isinstance(value, bool) if kind is bool else \
+                not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+            if not valid:
+                what = {float: "a number", bool: "true or false", int: "a whole number"}[kind]
+                raise MixquantError(f"settings.{name} is {value!r}, not {what}")
+        return cls(**recorded)
+
+    def flags(self) -> dict[str, str]:
+        """Each option as its command-line flag: {"damp": "--gptq-damp 0.01", ...}."""
+        return {"act_order": f"--gptq-order {'act' if self.act_order else 'natural'}",
+                "refit": "--gptq-refit" if self.refit else "--no-gptq-refit",
+                "damp": f"--gptq-damp {float(self.damp)!r}", "resweeps": f"--gptq-resweeps {self.resweeps}"}
 
 
 @dataclass(frozen=True)
