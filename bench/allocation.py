@@ -18,8 +18,9 @@ On a bundled test model (`--model`: smollm2, SmolLM2-135M, the default; or gemma
 
 `--method gptq` (or `rtn,gptq` for both side by side): mixquant's plans are analysed with
 `mixquant analyze --method gptq` (every candidate's damage measured with GPTQ's rounding, in
-`<analysis>-gptq`) and written with it (`quantize --method gptq`, the analysis's Hessians and the GPTQ
-options its sensitivity records); such a plan is evaluated from its written GGUF. The presets stay llama.cpp's (llama-imatrix's imatrix).
+`<analysis>-gptq`) and written with it (`quantize --method gptq`, the analysis's Hessians and the
+GPTQ options its sensitivity records); such a plan is evaluated from its written GGUF. The presets
+stay llama.cpp's (llama-imatrix's imatrix).
 `--method awq+gptq`: the plan allocated on that gptq analysis, then AWQ's scales searched for it and
 the plan written with awq+gptq (as `quantize --target-* --method awq+gptq`).
 `--analyze-args "--chunks 32"` passes settings to the analyses this bench runs.
