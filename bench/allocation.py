@@ -267,7 +267,7 @@ def main() -> int:
             gptq_options[kind] = asdict(GptqOptions.recorded(sn.settings))
             quantizer = Hessians.load(analysis_folder(args, ANALYSED_WITH[m]) / "hessians.safetensors")
             if m == "gptq":
-                quantizer = HessianQuantizer(quantizer, info, **gptq_options[kind])
+                quantizer = HessianQuantizer(quantizer, info, **gptq_options[kind], threads=args.threads or 1)
         methods.append((kind, kind, sn, imp, quantizer))
 
     referee = Referee(args, source, eval_text) if args.referee else None

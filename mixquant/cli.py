@@ -358,7 +358,7 @@ def _gptq_quantizer(args: argparse.Namespace, source, imatrix, options):
     from .quantize import HessianQuantizer
 
     def made(hessians):
-        quantizer = HessianQuantizer(hessians, source.model, **asdict(options))
+        quantizer = HessianQuantizer(hessians, source.model, **asdict(options), threads=args.threads or 1)
         return (quantizer if args.method == "gptq" else None), hessians
 
     if args.hessians:

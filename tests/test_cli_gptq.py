@@ -50,6 +50,23 @@ def test_gptq_writes_ordinary_blocks_with_lower_output_error(tiny, tmp_path, cap
             assert e_gptq < e_rtn, (name, e_gptq, e_rtn)
 
 
+def test_threads_round_shares_of_rows_to_the_same_bytes(tiny, tmp_path, capsys, monkeypatch):
+    """--threads N rounds each tensor's rows in N shares at once (rows are independent under GPTQ):
+    the file is byte for byte the one-thread file, and torch's own thread setting is left as it was."""
+    import torch
+
+    import mixquant.quantize.gptq as gptq
+
+    monkeypatch.setattr(gptq, "_MIN_THREAD_ROWS", 8)  # the tiny model's 64-row tensors in shares too
+    before = torch.get_num_threads()
+    files = {n: tmp_path / f"t{n}.gguf" for n in (1, 3)}
+    for n, path in files.items():
+        assert run(capsys, tiny["model"], path, "Q4_K_M", "--imatrix", tiny["imatrix"], "--method", "gptq",
+                   "--hessians", tiny["hessians"], "--threads", n)[0] == 0
+    assert files[1].read_bytes() == files[3].read_bytes()
+    assert torch.get_num_threads() == before
+
+
 def test_gptq_refit_changes_only_scales_and_lowers_the_error(tiny, tmp_path, capsys):
     """--gptq-refit: the same codes, refitted block scales, a Hessian-weighted error (dampened H, what
     the refit minimises) no higher in any tensor; --no-gptq-refit is the plain sweep."""

@@ -276,5 +276,6 @@ def prepare(source: Any, types: dict[str, str], hessians: Any, importance: dict[
         importance = {name: scales.importance(name, v) for name, v in importance.items()}
     quantizer = None
     if method == "awq+gptq":
-        quantizer = HessianQuantizer(ScaledHessians(hessians, scales), source.model, **(gptq_options or {}))
+        quantizer = HessianQuantizer(ScaledHessians(hessians, scales), source.model, **(gptq_options or {}),
+                                     threads=threads)
     return AwqWrite(scales, ScaledSource(source, scales), importance, quantizer)

@@ -25,6 +25,7 @@ The per-column work runs in numba over all rows; Python only loops over blocks.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -393,6 +394,9 @@ def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -
 # rows x cols values above which a tensor is rounded a slice of rows at a time: the sweep and the
 # refit each hold float64 copies of what they round (about 4 x 8 bytes a value)
 _SLICE_VALUES = 1 << 23
+# rows per thread below which HessianQuantizer rounds a tensor on one thread (the numba sweeps
+# release the GIL; below this the threads' start-up outweighs the work)
+_MIN_THREAD_ROWS = 64
 
 
 def quantize(w: np.ndarray, type_name: str, H: np.ndarray | None = None, importance: np.ndarray | None = None,
@@ -572,5 +576,14 @@ class HessianQuantizer:
                 self._factors.clear()
             self._factors[key] = factor(self.hessian(name), self.damp, self.act_order)
         self.gptq_tensors += 1
-        return quantize(w, type_name, importance=importance, prepared=self._factors[key], refit=self.refit,
-                        resweeps=self.resweeps)
+        share = -(-w.shape[0] // max(1, self.threads))
+        if self.threads <= 1 or share < _MIN_THREAD_ROWS:
+            return quantize(w, type_name, importance=importance, prepared=self._factors[key], refit=self.refit,
+                            resweeps=self.resweeps)
+        # rows are rounded independently (as the row slices above): a share of rows per thread, the
+        # same bytes; torch is held at one thread meanwhile, so no worker's setting races another's
+        with _torch_threads(1), ThreadPoolExecutor(self.threads) as pool:
+            return b"".join(pool.map(lambda r: quantize(w[r:r + share], type_name, importance=importance,
+                                                        prepared=self._factors[key], refit=self.refit,
+                                                        resweeps=self.resweeps),
+                                     range(0, w.shape[0], share)))
