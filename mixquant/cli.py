@@ -231,6 +231,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                             "with a preset; with --recipe or a target, use --tensor-type")
     gptq = args.method in ("gptq", "awq+gptq")
     awq = args.method in ("awq", "awq+gptq")
+    _refuse_gptq_flags(args, gptq, "--method gptq or awq+gptq")
     if args.text and not targets and not (gptq or awq):
         raise MixquantError("--text is analysed on the fly for a target only; for a plan's predicted KLD give "
                             "--sensitivity")
@@ -326,6 +327,14 @@ def _gptq_given(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def _refuse_gptq_flags(args: argparse.Namespace, rounds_with_gptq: bool, methods: str) -> None:
+    """A --gptq-* flag where nothing is rounded with GPTQ is a mistake, not something to ignore."""
+    given = [f"--{'no-' if v is False else ''}{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k.startswith("gptq_") and v is not None]
+    if given and not rounds_with_gptq:
+        raise MixquantError(f"{given[0]} goes with {methods}")
+
+
 def _gptq_options(args: argparse.Namespace, sens=None):
     """GPTQ's options: the flags given, gptq's defaults for the rest; for an allocation on the gptq
     damages of `sens`, the options it was measured with (so the file holds the bytes they were
@@ -397,10 +406,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     gptq = args.method == "gptq"
     if args.hessians and not gptq:
         raise MixquantError("--hessians goes with --method gptq")
-    given = [f"--{'no-' if v is False else ''}{k.replace('_', '-')}" for k, v in vars(args).items()
-             if k.startswith("gptq_") and v is not None]
-    if given and not gptq:
-        raise MixquantError(f"{given[0]} goes with --method gptq")
+    _refuse_gptq_flags(args, gptq, "--method gptq")
     gptq_options = _gptq_options(args) if gptq else None
     if gptq and args.no_hessians and not args.hessians:
         raise MixquantError("--method gptq rounds with the Hessians this run calibrates: leave out --no-hessians, "

@@ -108,6 +108,8 @@ def test_gptq_calibrates_on_the_fly_and_takes_any_plan(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--method", "gptq"], "--method gptq needs --hessians FILE"),
     (["--hessians", "{hessians}"], "--hessians goes with --method gptq"),
+    (["--gptq-damp", "0.1"], "--gptq-damp goes with --method gptq or awq+gptq"),
+    (["--method", "awq", "--hessians", "{hessians}", "--no-gptq-refit"], "--no-gptq-refit goes with --method gptq"),
     (["--method", "gptq", "--hessians", "{cut}"], "cut.safetensors"),
     (["--method", "gptq", "--hessians", "{imatrix}"], "not a readable Hessians file"),
     (["--method", "gptq", "--hessians", "{hessians}", "--gptq-damp", "-0.5"], "--gptq-damp must be a finite fraction"),
