@@ -24,6 +24,7 @@ The per-column work runs in numba over all rows; Python only loops over blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -548,8 +549,8 @@ class HessianQuantizer:
                 raise MixquantError(f"{hessians.path or 'Hessians'}: Hessians are for another model ({key} has "
                                     f"{hessians.cols(key)} columns, {t.name} has {t.shape[-1]})")
         self.threads = threads
-        # export takes tensors block by block: one input's factor at a time; an analysis work item
-        # (one unit, four inputs at most) goes back and forth between them: all kept
+        # export takes tensors block by block: one block's factors at a time (`_same_unit`); an
+        # analysis work item goes back and forth between its units' inputs: all kept
         self.keep_factors = keep_factors
         self._factors: dict[str, Factor] = {}
         self._matrices: dict[str, np.ndarray] = {}
@@ -572,18 +573,23 @@ class HessianQuantizer:
         if key not in self.hessians or codec.frozen is None:
             return formats.quantize(w, type_name, importance, threads=self.threads)
         if key not in self._factors:
-            if not self.keep_factors:
+            if not self.keep_factors and not self._same_unit(key):
                 self._factors.clear()
             self._factors[key] = factor(self.hessian(name), self.damp, self.act_order)
         self.gptq_tensors += 1
+        rounded = functools.partial(quantize, type_name=type_name, importance=importance, prepared=self._factors[key],
+                                    refit=self.refit, resweeps=self.resweeps)
         share = -(-w.shape[0] // max(1, self.threads))
         if self.threads <= 1 or share < _MIN_THREAD_ROWS:
-            return quantize(w, type_name, importance=importance, prepared=self._factors[key], refit=self.refit,
-                            resweeps=self.resweeps)
+            return rounded(w)
         # rows are rounded independently (as the row slices above): a share of rows per thread, the
         # same bytes; torch is held at one thread meanwhile, so no worker's setting races another's
         with _torch_threads(1), ThreadPoolExecutor(self.threads) as pool:
-            return b"".join(pool.map(lambda r: quantize(w[r:r + share], type_name, importance=importance,
-                                                        prepared=self._factors[key], refit=self.refit,
-                                                        resweeps=self.resweeps),
-                                     range(0, w.shape[0], share)))
+            return b"".join(pool.map(lambda r: rounded(w[r:r + share]), range(0, w.shape[0], share)))
+
+    def _same_unit(self, key: str) -> bool:
+        """Whether the factors kept are of `key`'s block: export visits a block's tensors in name
+        order, which goes back and forth between its inputs (attn_k, attn_output, attn_q...), so a
+        block's factors are kept together and dropped when the next block starts."""
+        unit = key.rpartition(".")[0]
+        return all(k.rpartition(".")[0] == unit for k in self._factors)
